@@ -1,0 +1,1 @@
+"""Rectangle encoders: numpy BGRX pixels in, payload bytes out."""

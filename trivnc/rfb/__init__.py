@@ -1,0 +1,1 @@
+"""The RFB protocol without I/O: bytes in, events out, bytes back."""

@@ -1,0 +1,1 @@
+"""Helpers for tests: decoders and a decoding RFB client."""
