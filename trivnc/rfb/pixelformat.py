@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +18,8 @@ import numpy.typing as npt
 from .errors import RemoteProtocolError
 
 U8Array = npt.NDArray[np.uint8]
+#: Pixel values; numpy's stubs type uint32 arithmetic loosely, hence integer.
+Values = npt.NDArray[np.integer[Any]]
 
 _PIXEL_FORMAT = struct.Struct(">BBBBHHHBBB3x")
 
@@ -116,7 +119,7 @@ class PixelFormat:
 
     # -- conversion ------------------------------------------------------------
 
-    def pixel_values(self, bgrx: U8Array) -> npt.NDArray[np.uint32]:
+    def pixel_values(self, bgrx: U8Array) -> Values:
         """Each pixel's numeric value in this format, shape (h, w), uint32."""
         b = bgrx[..., 0].astype(np.uint32)
         g = bgrx[..., 1].astype(np.uint32)
@@ -134,7 +137,7 @@ class PixelFormat:
                 # The internal format itself: the pad byte is "unused bits",
                 # which clients ignore, so no copy unless the view is strided.
                 return np.ascontiguousarray(bgrx)
-            padded = np.zeros(bgrx.shape[:2] + (4,), np.uint8)
+            padded = np.zeros((*bgrx.shape[:2], 4), np.uint8)
             for dst, src in enumerate(shuffle):
                 if src != 3:
                     padded[..., dst] = bgrx[..., src]
@@ -142,16 +145,20 @@ class PixelFormat:
         values = self.pixel_values(bgrx).astype(self._dtype)
         return values.view(np.uint8).reshape(bgrx.shape[0], bgrx.shape[1], self.bytes_per_pixel)
 
-    def decode_values(self, wire: bytes | U8Array, height: int, width: int) -> npt.NDArray[np.uint32]:
+    def decode_values(
+        self, wire: bytes | U8Array, height: int, width: int
+    ) -> npt.NDArray[np.uint32]:
         """Wire pixels -> numeric pixel values, shape (height, width)."""
-        flat = np.frombuffer(wire, self._dtype) if isinstance(wire, bytes) else (
-            np.ascontiguousarray(wire).reshape(-1).view(self._dtype)
+        flat = (
+            np.frombuffer(wire, self._dtype)
+            if isinstance(wire, bytes)
+            else (np.ascontiguousarray(wire).reshape(-1).view(self._dtype))
         )
         return flat.reshape(height, width).astype(np.uint32)
 
-    def values_to_bgrx(self, values: npt.NDArray[np.uint32]) -> U8Array:
+    def values_to_bgrx(self, values: Values) -> U8Array:
         """Numeric pixel values -> BGRX with channels scaled back to 8 bits."""
-        out = np.zeros(values.shape + (4,), np.uint8)
+        out = np.zeros((*values.shape, 4), np.uint8)
         out[..., 2] = _scale_up((values >> self.red_shift) & self.red_max, self.red_max)
         out[..., 1] = _scale_up((values >> self.green_shift) & self.green_max, self.green_max)
         out[..., 0] = _scale_up((values >> self.blue_shift) & self.blue_max, self.blue_max)
@@ -162,13 +169,13 @@ class PixelFormat:
         return self.values_to_bgrx(self.decode_values(wire, height, width))
 
 
-def _scale_down(channel: npt.NDArray[np.uint32], cmax: int) -> npt.NDArray[np.uint32]:
+def _scale_down(channel: Values, cmax: int) -> Values:
     if cmax == 255:
         return channel
     return (channel * cmax + 127) // 255
 
 
-def _scale_up(channel: npt.NDArray[np.uint32], cmax: int) -> npt.NDArray[np.uint8]:
+def _scale_up(channel: Values, cmax: int) -> U8Array:
     if cmax == 255:
         return channel.astype(np.uint8)
     return ((channel * 255 + cmax // 2) // cmax).astype(np.uint8)

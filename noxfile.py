@@ -1,0 +1,68 @@
+"""Developer sessions: tests, lint, typecheck (the default), e2e, bench and demo."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _system_deps(session: nox.Session) -> None:
+    """Debian packages the real-client tests need (Xvfb, TigerVNC viewer,
+    vncsnapshot, x11vnc); installed only when missing."""
+    session.run("bash", str(HERE / "tests" / "system-deps.sh"), external=True)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite, real clients included."""
+    _system_deps(session)
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs, env={"PYTHONHASHSEED": "0"})
+
+
+@nox.session
+def e2e(session: nox.Session) -> None:
+    """Only the tests that drive trivnc with real third-party clients."""
+    _system_deps(session)
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "realclient", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "trivnc", "tests", "bench", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[test]", "mypy")
+    session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Encoder throughput against the bare codec calls (see docs/performance.md)."""
+    _system_deps(session)
+    session.install("-e", ".[test]")
+    out = HERE / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    session.run(
+        "python", "bench/encoders.py", "--json", str(out / "encoders.json"), *session.posargs
+    )
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Run `trivnc` on the built-in demo desktop; arguments pass through."""
+    session.install("-e", ".")
+    args = session.posargs or ["--insecure-no-auth"]
+    session.run("trivnc", *args, env={"PYTHONUNBUFFERED": "1", **os.environ})
