@@ -1,0 +1,93 @@
+"""Tile damage, rect merging and the framebuffer service's versions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from trivnc.framebuffer.damage import TILE, changed_tiles, full_mask, mask_to_rects, rect_to_mask
+from trivnc.framebuffer.service import FramebufferService
+from trivnc.geometry import Rect
+from trivnc.sources.array import ArraySource
+from trivnc.sources.base import Damage
+from trivnc.testing.images import desktop_like
+
+
+def reference_tiles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    h, w = a.shape[:2]
+    out = np.zeros((-(-h // TILE), -(-w // TILE)), bool)
+    for ty in range(out.shape[0]):
+        for tx in range(out.shape[1]):
+            sl = (slice(ty * TILE, (ty + 1) * TILE), slice(tx * TILE, (tx + 1) * TILE))
+            out[ty, tx] = not np.array_equal(a[sl], b[sl])
+    return out
+
+
+@pytest.mark.parametrize(("w", "h"), [(1, 1), (64, 64), (65, 63), (200, 130), (333, 77)])
+def test_changed_tiles_matches_reference(w: int, h: int) -> None:
+    rng = np.random.default_rng(w * h)
+    a = rng.integers(0, 256, (h, w, 4), np.uint8)
+    b = a.copy()
+    for _ in range(5):
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        b[y, x, int(rng.integers(0, 3))] ^= 0xFF
+    assert np.array_equal(changed_tiles(a, b, Damage(full=True)), reference_tiles(a, b))
+    # A hint covering the changed pixels finds the same tiles; one that misses finds none.
+    assert np.array_equal(changed_tiles(a, b, Damage((Rect(0, 0, w, h),))), reference_tiles(a, b))
+    assert not changed_tiles(a, a.copy(), Damage(full=True)).any()
+
+
+def test_hints_restrict_the_search() -> None:
+    a = np.zeros((256, 256, 4), np.uint8)
+    b = a.copy()
+    b[10, 10] = 1
+    b[200, 200] = 1
+    mask = changed_tiles(a, b, Damage((Rect(0, 0, 20, 20),)))
+    assert mask[0, 0] and mask.sum() == 1
+
+
+def test_mask_to_rects_covers_exactly_the_dirty_tiles() -> None:
+    rng = np.random.default_rng(5)
+    w, h = 300, 250
+    for _ in range(20):
+        mask = rng.random((-(-h // TILE), -(-w // TILE))) < 0.4
+        rects = mask_to_rects(mask, w, h)
+        covered = np.zeros((h, w), np.int32)
+        for r in rects:
+            covered[r.slices()] += 1
+        assert covered.max() <= 1  # no overlaps
+        for ty in range(mask.shape[0]):
+            for tx in range(mask.shape[1]):
+                tile = covered[ty * TILE : (ty + 1) * TILE, tx * TILE : (tx + 1) * TILE]
+                assert (tile == 1).all() if mask[ty, tx] else (tile == 0).all()
+    assert mask_to_rects(full_mask(w, h), w, h) == [Rect(0, 0, w, h)]
+    assert rect_to_mask(Rect(63, 0, 2, 1), w, h).sum() == 2
+
+
+async def test_service_versions_and_damage_history() -> None:
+    source = ArraySource.from_array(desktop_like(200, 150))
+    service = FramebufferService(source, max_frame_rate=30)
+    published = []
+    service.subscribe(lambda: published.append(service.latest.version if service.latest else 0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        first = service.latest
+        assert first is not None and first.version == 1
+        assert not first.pixels.flags.writeable
+        source.pixels[0:5, 0:5] = 7
+        source.mark_changed(Rect(0, 0, 5, 5))
+        with trio.fail_after(5):
+            while service.latest.version < 2:
+                await trio.sleep(0.01)
+        mask = service.damage_since(1)
+        assert mask is not None and mask[0, 0] and mask.sum() == 1
+        # A mark with no real change publishes nothing.
+        source.mark_changed(Rect(100, 100, 5, 5))
+        await trio.sleep(0.5)
+        assert service.latest.version == 2
+        timing = service.timings.get(2)
+        assert timing is not None and {"Screenshot", "Analysis"} <= set(timing.spans)
+        assert timing.changed_area == 64 * 64
+        assert service.damage_since(0) is not None
+        nursery.cancel_scope.cancel()
+    assert published == [1, 2]

@@ -1,0 +1,138 @@
+"""The `trivnc` command: the library with a command line around it."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .config import Config, ConfigError, load_config_file, parse_port, parse_size
+
+log = logging.getLogger("trivnc")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trivnc",
+        description="Share a desktop with VNC viewers and browsers. With no display given, "
+        "serves a built-in demo desktop.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--display", metavar=":N", help="share a running X display (not available yet)")
+    src.add_argument("--xvfb", metavar="WxH", help="start a private Xvfb of this size (not available yet)")
+    src.add_argument("--geometry", metavar="WxH", help="size of the demo desktop (default 1280x720)")
+    p.add_argument("--listen", metavar="ADDR", action="append",
+                   help="address to listen on; repeat for several (default 127.0.0.1)")
+    p.add_argument("--rfb-port", metavar="N|off", help="VNC (RFB) port (default 5900)")
+    p.add_argument("--web-port", metavar="N|off", help="HTTPS port (not available yet; 'off' accepted)")
+    p.add_argument("--users", metavar="FILE", help="users file (not available yet)")
+    p.add_argument("--rfbauth", metavar="FILE",
+                   help="VNC password file (as TigerVNC's vncpasswd writes it) for VNC authentication")
+    p.add_argument("--cert", metavar="FILE", help="TLS certificate (PEM)")
+    p.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="let the RFB port accept clients without authentication (loopback only)")
+    p.add_argument("--config", metavar="FILE", help="TOML file with the same settings as the options")
+    p.add_argument("--max-frame-rate", metavar="N", type=float, help="frames per second at most (default 60)")
+    p.add_argument("--desktop-name", metavar="NAME", help="name shown by viewers")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(load_config_file(Path(args.config)))
+    if args.display:
+        values["display"] = args.display
+    if args.xvfb:
+        values["xvfb"] = parse_size(args.xvfb)
+    if args.geometry:
+        values["geometry"] = parse_size(args.geometry)
+    if args.listen:
+        values["listen"] = args.listen
+    if args.rfb_port is not None:
+        values["rfb_port"] = parse_port(args.rfb_port)
+    if args.web_port is not None:
+        values["web_port"] = parse_port(args.web_port)
+    if args.users:
+        values["users_file"] = Path(args.users)
+    if args.rfbauth:
+        values["vnc_password_file"] = Path(args.rfbauth)
+    if args.cert:
+        values["cert"] = Path(args.cert)
+    if args.key:
+        values["key"] = Path(args.key)
+    if args.insecure_no_auth:
+        values["insecure_no_auth"] = True
+    if args.max_frame_rate is not None:
+        values["max_frame_rate"] = args.max_frame_rate
+    if args.desktop_name:
+        values["desktop_name"] = args.desktop_name
+    config = Config(**values)
+    config.validate()
+    return config
+
+
+async def _run(config: Config) -> None:
+    from .server import serve
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve, config)
+        what = "the demo desktop" if config.source is None else "the desktop"
+        w, h = server.service.latest.size if server.service.latest else config.geometry
+        print(f"trivnc: serving {what} ({w}x{h})", flush=True)
+        for host, port in server.rfb_addresses:
+            shown = f"[{host}]" if ":" in host else host
+            print(f"trivnc: VNC viewers connect to {shown}::{port}  (e.g. vncviewer {shown}::{port})",
+                  flush=True)
+        if config.insecure_no_auth:
+            print("trivnc: no authentication on the RFB port (loopback only)", flush=True)
+        print("trivnc: press Ctrl+C to stop", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"trivnc: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_run, config)
+    except KeyboardInterrupt:
+        print("trivnc: stopped", file=sys.stderr)
+    except OSError as exc:
+        print(f"trivnc: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # Errors from inside the server's nurseries arrive grouped.
+        if group.subgroup(KeyboardInterrupt) is not None:
+            print("trivnc: stopped", file=sys.stderr)
+            return 0
+        errors = group.subgroup(OSError)
+        if errors is None:
+            raise
+        print(f"trivnc: {_first_leaf(errors)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[OSError]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

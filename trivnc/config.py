@@ -1,0 +1,150 @@
+"""trivnc's configuration: one dataclass that the command line, a TOML config
+file and embedding programs all fill in."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .sources.base import Source
+
+
+class ConfigError(ValueError):
+    """The configuration cannot work; the message says why and what to do."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Config:
+    """Everything `trivnc.serve` needs. Ports: 0 picks a free port, None is off."""
+
+    #: Where pixels come from; None serves the built-in demo desktop.
+    source: Source | None = None
+    #: Size of the demo desktop.
+    geometry: tuple[int, int] = (1280, 720)
+    #: Addresses to listen on.
+    listen: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    rfb_port: int | None = 5900
+    web_port: int | None = None
+    #: Accept security type None on the RFB port (only on loopback addresses
+    #: unless `allow_remote_no_auth`).
+    insecure_no_auth: bool = False
+    allow_remote_no_auth: bool = False
+    #: Classic VNC authentication: a password, or a vncpasswd file.
+    vnc_password: str | None = field(default=None, repr=False)
+    vnc_password_file: Path | None = None
+    desktop_name: str | None = None
+    max_frame_rate: float = 60.0
+    handshake_timeout: float = 10.0
+    measure_interval: float = 1.0
+    clipboard_max_size: int = 1024 * 1024
+    #: Worker threads for capture and encoding (default: one per core).
+    encode_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+    #: Later issues: X11 display, Xvfb, users file, TLS certificate.
+    display: str | None = None
+    xvfb: tuple[int, int] | None = None
+    users_file: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def validate(self) -> None:
+        """Raise ConfigError for a configuration that cannot start."""
+        if self.display is not None or self.xvfb is not None:
+            raise ConfigError("--display and --xvfb are not available yet in this version")
+        if self.web_port is not None:
+            raise ConfigError("the web port (--web-port) is not available yet; use --web-port off")
+        if self.users_file is not None:
+            raise ConfigError("users files (--users) are not available yet in this version")
+        if not 0 < self.max_frame_rate <= 240:
+            raise ConfigError("max_frame_rate must be between 0 and 240")
+        w, h = self.geometry
+        if not (16 <= w <= 16384 and 16 <= h <= 16384):
+            raise ConfigError(f"geometry {w}x{h} out of range (16..16384)")
+        if self.rfb_port is not None:
+            if self.insecure_no_auth and not self.allow_remote_no_auth:
+                remote = [a for a in self.listen if not is_loopback(a)]
+                if remote:
+                    raise ConfigError(
+                        f"--insecure-no-auth refused: {', '.join(remote)} is not a loopback "
+                        "address, and anyone who reaches it would control the desktop"
+                    )
+            if not self.insecure_no_auth and not self.has_vnc_password:
+                raise ConfigError(
+                    "the RFB port needs authentication, and none is configured: VeNCrypt "
+                    "with a users file is not available yet in this version. Use --rfbauth "
+                    "FILE (a vncpasswd file) for VNC authentication, or --insecure-no-auth "
+                    "on a loopback address"
+                )
+
+    @property
+    def has_vnc_password(self) -> bool:
+        return self.vnc_password is not None or self.vnc_password_file is not None
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise ConfigError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+
+
+def parse_port(text: str | int | None) -> int | None:
+    if text is None or text == "off":
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(f"expected a port number or 'off', got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} out of range")
+    return port
+
+
+#: Config-file keys and how to read them (the command line's long options,
+#: with dashes as underscores).
+_FILE_KEYS: dict[str, Any] = {
+    "geometry": parse_size,
+    "listen": lambda v: [v] if isinstance(v, str) else list(v),
+    "rfb_port": parse_port,
+    "web_port": parse_port,
+    "insecure_no_auth": bool,
+    "rfbauth": Path,
+    "max_frame_rate": float,
+    "desktop_name": str,
+    "display": str,
+    "xvfb": parse_size,
+    "users": Path,
+    "cert": Path,
+    "key": Path,
+}
+_RENAMED = {"rfbauth": "vnc_password_file", "users": "users_file"}
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file into Config field values."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    known = {f.name for f in fields(Config)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in _FILE_KEYS:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        field_name = _RENAMED.get(name, name)
+        assert field_name in known
+        out[field_name] = _FILE_KEYS[name](value)
+    return out

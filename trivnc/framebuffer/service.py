@@ -1,0 +1,174 @@
+# The framebuffer service: the one owner of the desktop's pixels. It pulls
+# from a Source (wait for damage, capture, compare tiles), publishes immutable
+# Frames with a version number and timing spans, and keeps a short history of
+# which tiles each version changed, so that every client session can ask
+# "what changed since the version I last sent?" and get one coalesced answer.
+# It never waits for a client: a slow session simply asks later and gets a
+# bigger union.
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import trio
+
+from ..sources.base import Damage, Pixels, Source
+from .damage import TILE, TileMask, changed_tiles, full_mask
+from .timing import FrameTiming, TimingHistory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """A published picture of the desktop. Its pixels are never written again,
+    so encoders read them from worker threads without locks."""
+
+    version: int
+    pixels: Pixels
+    timing: FrameTiming
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+class FramebufferService:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        max_frame_rate: float = 60.0,
+        limiter: trio.CapacityLimiter | None = None,
+        damage_history: int = 120,
+        timing_history: int = 256,
+    ) -> None:
+        if max_frame_rate <= 0:
+            raise ValueError("max_frame_rate must be positive")
+        self.source = source
+        self.max_frame_rate = max_frame_rate
+        self.limiter = limiter or trio.CapacityLimiter(2)
+        self.latest: Frame | None = None
+        self.timings = TimingHistory(timing_history)
+        self._masks: deque[tuple[int, TileMask]] = deque(maxlen=damage_history)
+        self._subscribers: set[Callable[[], None]] = set()
+        self._force_full = False
+        self._ready = trio.Event()
+
+    # -- consumers -----------------------------------------------------------------
+
+    def subscribe(self, on_publish: Callable[[], None]) -> Callable[[], None]:
+        """Call `on_publish` (on the trio thread) after each new frame; returns
+        the function that unsubscribes."""
+        self._subscribers.add(on_publish)
+        return lambda: self._subscribers.discard(on_publish)
+
+    async def wait_ready(self) -> Frame:
+        await self._ready.wait()
+        assert self.latest is not None
+        return self.latest
+
+    def damage_since(self, version: int) -> TileMask | None:
+        """Tiles changed after `version` up to the latest frame; None means
+        "everything" (the version is too old, or the size changed since)."""
+        latest = self.latest
+        if latest is None:
+            return None
+        if version >= latest.version:
+            return np.zeros_like(self._masks[-1][1]) if self._masks else None
+        if not self._masks or self._masks[0][0] > version + 1:
+            return None
+        out: TileMask | None = None
+        for v, mask in self._masks:
+            if v > version:
+                out = mask.copy() if out is None else (out | mask)
+        return out
+
+    def record_encoding(
+        self, version: int, encoder: str, cpu: float, count: int, area: int
+    ) -> None:
+        timing = self.timings.get(version)
+        if timing is not None:
+            timing.add_encoder(encoder, cpu, count, area)
+
+    def record_update_sent(self, version: int, encode_wall: float, scaling: float = 0.0) -> None:
+        timing = self.timings.get(version)
+        if timing is not None:
+            timing.encoding_total = max(timing.encoding_total, encode_wall)
+            timing.videoscaling = max(timing.videoscaling, scaling)
+            timing.clients += 1
+
+    def request_full_frame(self) -> None:
+        """Make the next frame count as wholly changed (the API's send_full_frame)."""
+        self._force_full = True
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.source.run)
+            await self._capture(Damage(full=True))
+            task_status.started()
+            interval = 1.0 / self.max_frame_rate
+            next_allowed = trio.current_time()
+            while True:
+                # Pace first, then collect the damage: whatever changed while
+                # we slept is coalesced by the source into one hint.
+                await trio.sleep_until(next_allowed)
+                damage = await self.source.wait_damage()
+                started = trio.current_time()
+                await self._capture(damage)
+                next_allowed = max(started + interval, trio.current_time())
+
+    async def _capture(self, damage: Damage) -> None:
+        prev = self.latest
+        version = prev.version + 1 if prev else 1
+        width, height = self.source.size
+        timing = FrameTiming(version, width, height)
+        with timing.span("Screenshot"):
+            pixels = await trio.to_thread.run_sync(
+                self.source.capture, damage, limiter=self.limiter
+            )
+        pixels.flags.writeable = False
+        height, width = pixels.shape[:2]
+        timing.width, timing.height = width, height
+        force = self._force_full
+        with timing.span("Analysis"):
+            if prev is None or prev.pixels.shape != pixels.shape or force:
+                mask = full_mask(width, height)
+            else:
+                mask = await trio.to_thread.run_sync(
+                    changed_tiles, prev.pixels, pixels, damage, limiter=self.limiter
+                )
+        if prev is not None and not mask.any():
+            return  # nothing really changed: no version, no bytes
+        self._force_full = False
+        if prev is not None and prev.pixels.shape != pixels.shape:
+            self._masks.clear()  # older masks have another shape; sessions resend all
+            log.info("desktop size is now %dx%d", width, height)
+        timing.changed_area = _mask_area(mask, width, height)
+        frame = Frame(version, pixels, timing)
+        self._masks.append((version, mask))
+        self.timings.add(timing)
+        self.latest = frame
+        self._ready.set()
+        for notify in list(self._subscribers):
+            notify()
+
+
+def _mask_area(mask: TileMask, width: int, height: int) -> int:
+    """Pixels covered by the dirty tiles (edge tiles count only their part)."""
+    tile_w = np.minimum(TILE, width - np.arange(mask.shape[1]) * TILE)
+    tile_h = np.minimum(TILE, height - np.arange(mask.shape[0]) * TILE)
+    return int((np.outer(tile_h, tile_w) * mask).sum())

@@ -1,0 +1,258 @@
+# The encoding scheduler: turns a session's damaged rects into encoded rects.
+# It picks the encoding from the client's preference list, splits rects to the
+# limits each encoding has, and runs the encoders in worker threads. Rects whose
+# encoding carries no per-connection state (Raw, RRE, Hextile, TightPNG) are
+# shared through an EncodeCache, so when several viewers want the same rect of
+# the same frame in the same format it is encoded once.
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from ..encodings.base import Payload, Pixels, RectEncoder
+from ..encodings.hextile import HextileEncoder
+from ..encodings.raw import RawEncoder
+from ..encodings.rre import RREEncoder
+from ..encodings.tight import TightEncoder, TightSettings
+from ..encodings.zlibrect import ZlibEncoder
+from ..encodings.zrle import ZRLEEncoder
+from ..geometry import Rect
+from ..rfb.capabilities import ClientCapabilities
+from ..rfb.constants import Encoding
+from ..rfb.pixelformat import PixelFormat
+
+#: Tight rects: at most 2048 wide and 65536 pixels, as KasmVNC's EncodeManager.
+TIGHT_MAX_WIDTH = 2048
+TIGHT_MAX_AREA = 65536
+#: Other encodings: split tall rects into bands so no one call runs long and
+#: the cache can share bands between clients with different damage.
+BAND_HEIGHT = 64
+
+#: Encodings whose output depends only on the pixels and the pixel format.
+STATELESS = frozenset({Encoding.RAW, Encoding.RRE, Encoding.HEXTILE, Encoding.TIGHT_PNG})
+
+ENCODER_NAMES = {
+    Encoding.RAW: "RawEncoder",
+    Encoding.RRE: "RREEncoder",
+    Encoding.HEXTILE: "HextileEncoder",
+    Encoding.ZLIB: "ZlibEncoder",
+    Encoding.ZRLE: "ZRLEEncoder",
+    Encoding.TIGHT: "TightEncoder",
+    Encoding.TIGHT_PNG: "TightPNGEncoder",
+}
+
+
+@dataclass(frozen=True)
+class EncodedRect:
+    rect: Rect
+    encoding: int
+    payload: Payload
+
+    @property
+    def size(self) -> int:
+        return 12 + sum(len(p) for p in self.payload)
+
+
+def split_rect(rect: Rect, encoding: int) -> list[Rect]:
+    """Pieces of rect that respect the encoding's limits, in raster order."""
+    if encoding in (Encoding.TIGHT, Encoding.TIGHT_PNG):
+        width = min(rect.w, TIGHT_MAX_WIDTH)
+        band = max(1, min(rect.h, TIGHT_MAX_AREA // width))
+    else:
+        width, band = rect.w, BAND_HEIGHT
+    out = []
+    for y in range(rect.y, rect.bottom, band):
+        for x in range(rect.x, rect.right, width):
+            out.append(Rect(x, y, min(width, rect.right - x), min(band, rect.bottom - y)))
+    return out
+
+
+class EncodeCache:
+    """Encoded rects of recent frames, keyed by (frame version, rect, format,
+    settings). A rect being encoded is awaited by later askers rather than
+    encoded again. Bounded by entry count."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._max = max_entries
+        self._done: OrderedDict[Hashable, Payload] = OrderedDict()
+        self._inflight: dict[Hashable, trio.Event] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Payload | None:
+        payload = self._done.get(key)
+        if payload is not None:
+            self._done.move_to_end(key)
+            self.hits += 1
+        return payload
+
+    def put(self, key: Hashable, payload: Payload) -> None:
+        self._done[key] = payload
+        while len(self._done) > self._max:
+            self._done.popitem(last=False)
+
+    def inflight(self, key: Hashable) -> trio.Event | None:
+        return self._inflight.get(key)
+
+    def begin(self, key: Hashable) -> trio.Event:
+        event = self._inflight[key] = trio.Event()
+        self.misses += 1
+        return event
+
+    def end(self, key: Hashable) -> None:
+        event = self._inflight.pop(key, None)
+        if event is not None:
+            event.set()
+
+
+@dataclass
+class EncodeStats:
+    """CPU seconds, rects and pixels per encoder name, for one update."""
+
+    cpu: dict[str, float]
+    count: dict[str, int]
+    area: dict[str, int]
+
+    @classmethod
+    def empty(cls) -> EncodeStats:
+        return cls({}, {}, {})
+
+    def add(self, name: str, cpu: float, rects: Sequence[Rect]) -> None:
+        self.cpu[name] = self.cpu.get(name, 0.0) + cpu
+        self.count[name] = self.count.get(name, 0) + len(rects)
+        self.area[name] = self.area.get(name, 0) + sum(r.area for r in rects)
+
+
+class SessionEncoders:
+    """One connection's encoders (the stateful ones own zlib streams) and its
+    choice of encoding."""
+
+    def __init__(self) -> None:
+        self.caps = ClientCapabilities.from_encodings(())
+        self.encoding: int = Encoding.RAW
+        self._encoders: dict[int, RectEncoder] = {}
+
+    def configure(self, caps: ClientCapabilities) -> None:
+        self.caps = caps
+        self.encoding = next((e for e in caps.preferred if e != Encoding.COPY_RECT), Encoding.RAW)
+        # Tight settings follow the client's quality and compression levels:
+        # rebuild the Tight encoder when they change (its zlib streams are
+        # reset then, which the ctl byte tells the client).
+        tight = self._encoders.get(Encoding.TIGHT)
+        settings = TightSettings.from_encodings(caps.encodings, png_mode=False)
+        if not isinstance(tight, TightEncoder) or tight.settings != settings:
+            self._encoders.pop(Encoding.TIGHT, None)
+        self._encoders.pop(Encoding.TIGHT_PNG, None)
+
+    def encoder(self, encoding: int) -> RectEncoder:
+        enc = self._encoders.get(encoding)
+        if enc is None:
+            enc = self._encoders[encoding] = self._make(encoding)
+        return enc
+
+    def _make(self, encoding: int) -> RectEncoder:
+        level = self.caps.compress_level
+        if encoding == Encoding.TIGHT:
+            return TightEncoder(TightSettings.from_encodings(self.caps.encodings, png_mode=False))
+        if encoding == Encoding.TIGHT_PNG:
+            return TightEncoder(TightSettings.from_encodings(self.caps.encodings, png_mode=True))
+        if encoding == Encoding.ZRLE:
+            return ZRLEEncoder(level=1 if level is None else max(1, min(level, 9)))
+        if encoding == Encoding.ZLIB:
+            return ZlibEncoder(level=1 if level is None else max(1, min(level, 9)))
+        if encoding == Encoding.HEXTILE:
+            return HextileEncoder()
+        if encoding == Encoding.RRE:
+            return RREEncoder()
+        return RawEncoder()
+
+    def stateless_key(self, encoding: int) -> Hashable | None:
+        """What besides pixels and pixel format decides a stateless encoding's output."""
+        if encoding not in STATELESS:
+            return None
+        if encoding == Encoding.TIGHT_PNG:
+            enc = self.encoder(encoding)
+            assert isinstance(enc, TightEncoder)
+            return (encoding, enc.settings)
+        return (encoding,)
+
+    def pixel_format_changed(self) -> None:
+        """Streams hold bytes in the old format's framing: start them afresh."""
+        self._encoders.clear()
+
+
+def encode_batch(
+    encoder: RectEncoder, pixels: Pixels, rects: Sequence[Rect], pf: PixelFormat
+) -> tuple[list[Payload], float]:
+    """Encode rects in order through one encoder (worker thread); returns the
+    payloads and the thread's CPU seconds."""
+    start = time.thread_time()
+    out = [encoder.encode(pixels[r.slices()], pf) for r in rects]
+    return out, time.thread_time() - start
+
+
+async def encode_rects(
+    encoders: SessionEncoders,
+    cache: EncodeCache,
+    limiter: trio.CapacityLimiter,
+    version: int,
+    pixels: Pixels,
+    rects: Sequence[Rect],
+    pf: PixelFormat,
+    stats: EncodeStats,
+) -> list[EncodedRect]:
+    """Encode damaged rects of one frame for one session."""
+    encoding = encoders.encoding
+    pieces = [p for r in rects for p in split_rect(r, encoding)]
+    if not pieces:
+        return []
+    encoder = encoders.encoder(encoding)
+    name = ENCODER_NAMES.get(encoding, str(encoding))
+    key_extra = encoders.stateless_key(encoding)
+    if key_extra is None:
+        payloads, cpu = await trio.to_thread.run_sync(
+            encode_batch, encoder, pixels, pieces, pf, limiter=limiter
+        )
+        stats.add(name, cpu, pieces)
+        return [EncodedRect(r, encoding, p) for r, p in zip(pieces, payloads, strict=True)]
+    # Stateless: share through the cache. Encode the missing pieces in one call.
+    results: dict[Rect, Payload] = {}
+    missing: list[Rect] = []
+    waits: list[tuple[Rect, trio.Event]] = []
+    for r in pieces:
+        key = (version, r, pf, key_extra)
+        hit = cache.get(key)
+        if hit is not None:
+            results[r] = hit
+        elif (event := cache.inflight(key)) is not None:
+            waits.append((r, event))
+        else:
+            cache.begin(key)
+            missing.append(r)
+    try:
+        if missing:
+            payloads, cpu = await trio.to_thread.run_sync(
+                encode_batch, encoder, pixels, missing, pf, limiter=limiter
+            )
+            stats.add(name, cpu, missing)
+            for r, p in zip(missing, payloads, strict=True):
+                results[r] = p
+                cache.put((version, r, pf, key_extra), p)
+    finally:
+        for r in missing:
+            cache.end((version, r, pf, key_extra))
+    for r, event in waits:
+        await event.wait()
+        hit = cache.get((version, r, pf, key_extra))
+        if hit is None:  # the encoding session went away mid-way: do it here
+            (payload,), cpu = await trio.to_thread.run_sync(
+                encode_batch, encoder, pixels, [r], pf, limiter=limiter
+            )
+            stats.add(name, cpu, [r])
+            hit = payload
+        results[r] = hit
+    return [EncodedRect(r, encoding, results[r]) for r in pieces]

@@ -1,0 +1,507 @@
+# One client connection: a trio nursery with a receive task, a send task and a
+# measurement task (the design card's shape). The receive task turns bytes into
+# protocol events and acts on them without ever blocking on the send side; the
+# send task is the only writer of the stream; the measurement task times fence
+# round trips. Update logic follows RFC 6143 section 7.5.3 and rfbproto
+# "FramebufferUpdateRequest", "EnableContinuousUpdates", "ExtendedDesktopSize".
+from __future__ import annotations
+
+import itertools
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..framebuffer.damage import TILE, TileMask, full_mask, mask_to_rects
+from ..framebuffer.service import Frame
+from ..geometry import Rect
+from ..rfb import events as ev
+from ..rfb import writers
+from ..rfb.connection import NEED_DATA, ServerConnection, State
+from ..rfb.constants import (
+    DesktopSizeReason,
+    DesktopSizeStatus,
+    FenceFlags,
+    PseudoEncoding,
+)
+from ..rfb.errors import ProtocolError
+from .encoding import EncodeStats, SessionEncoders, encode_rects
+
+if TYPE_CHECKING:
+    from .server import ServerContext
+
+log = logging.getLogger("trivnc.session")
+
+_session_ids = itertools.count(1)
+RECEIVE_SIZE = 65536
+#: Fence payloads the measurement task sends start with this tag.
+_FENCE_TAG = b"trivnc-rtt"
+
+
+@dataclass
+class SessionStats:
+    """What the measurement task and the send task observe of one client."""
+
+    connected_at: float = field(default_factory=time.time)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    updates_sent: int = 0
+    rects_sent: int = 0
+    last_update_version: int = 0
+    rtt: float | None = None  # seconds, the latest fence round trip
+    min_rtt: float | None = None
+    #: (send time, bytes_sent at that time) of fences in flight, by id.
+    fences: dict[int, tuple[float, int]] = field(default_factory=dict)
+    #: (time acknowledged, bytes acknowledged) history, for bandwidth.
+    acked: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32))
+
+    def bandwidth(self) -> float | None:
+        """Bytes per second the client actually absorbed, from fence acks."""
+        if len(self.acked) < 2:
+            return None
+        (t0, b0), (t1, b1) = self.acked[0], self.acked[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else None
+
+
+class ClientSession:
+    """The server side of one viewer."""
+
+    def __init__(
+        self,
+        context: ServerContext,
+        stream: trio.abc.Stream,
+        conn: ServerConnection,
+        peer: str,
+        *,
+        can_write: bool = True,
+    ) -> None:
+        self.id = next(_session_ids)
+        self.context = context
+        self.stream = stream
+        self.conn = conn
+        self.peer = peer
+        self.can_write = can_write
+        self.username: str | None = None
+        self.stats = SessionStats()
+        self.encoders = SessionEncoders()
+        self.cancel_scope = trio.CancelScope()
+        self.close_reason = "closed"
+        # Update state, owned by the receive task (written) and send task (read).
+        self._request_pending = False
+        self._requested = Rect(0, 0, 0, 0)
+        self._full_area: Rect | None = None
+        self._sent_version = 0
+        #: Tiles changed since the last update that this client has not had
+        #: (changes outside the area it asked for wait here).
+        self._dirty: TileMask | None = None
+        #: The size the client was told (it clips what we send) and the last
+        #: size we acted on (differs when the client cannot be told).
+        self._client_size: tuple[int, int] | None = None
+        self._known_size: tuple[int, int] | None = None
+        self._eds_due = False
+        self._eds_replies: list[tuple[DesktopSizeReason, DesktopSizeStatus]] = []
+        self._pseudo_due: list[bytes] = []
+        self._control: list[bytes] = []
+        self._poke = trio.Event()
+        self._fence_ids = itertools.count(1)
+        self._unsubscribe: Callable[[], None] | None = None
+        self._failed_in_handshake = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the client until it leaves, errs, or the server stops. Every
+        way a connection can end is caught here or in the task that saw it,
+        so nothing a client does reaches the server's nursery."""
+        try:
+            with self.cancel_scope:
+                with _ends_connection(self):
+                    await self._handshake()
+                if self.cancel_scope.cancel_called:
+                    return
+                self._unsubscribe = self.context.service.subscribe(self.poke)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guarded, self._receive_task)
+                    nursery.start_soon(self._guarded, self._send_task)
+                    nursery.start_soon(self._guarded, self._measure_task)
+        finally:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+            self.context.sessions.discard(self)
+            await self._flush_quietly()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.stream.aclose()
+            log.info("%s: connection closed (%s)", self.peer, self.close_reason)
+
+    async def _guarded(self, task: Callable[[], Awaitable[None]]) -> None:
+        with _ends_connection(self):
+            await task()
+
+    def close(self, reason: str) -> None:
+        self.close_reason = reason
+        self.cancel_scope.cancel()
+
+    def poke(self) -> None:
+        """Wake the send task: a frame was published or a request arrived."""
+        self._poke.set()
+
+    async def _flush_quietly(self) -> None:
+        """Send what the protocol still owes (a failure reason), if it can go
+        out within a second."""
+        if not self._failed_in_handshake:
+            return
+        data = self.conn.data_to_send()
+        if data:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+
+    # -- handshake --------------------------------------------------------------------
+
+    async def _handshake(self) -> None:
+        with trio.fail_after(self.context.config.handshake_timeout):
+            await self.stream.send_all(self.conn.data_to_send())
+            while True:
+                event = self.conn.next_event()
+                out = self.conn.data_to_send()
+                if out:
+                    await self.stream.send_all(out)
+                if event is NEED_DATA:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        raise trio.BrokenResourceError("client closed during the handshake")
+                    self.conn.receive_data(data)
+                    continue
+                if isinstance(event, ev.AuthenticationSucceeded):
+                    self.username = event.username
+                elif isinstance(event, ev.CredentialsReceived):
+                    await self.context.check_credentials(self, event)
+                elif isinstance(event, ev.StartTLS):
+                    self.stream = await self.context.start_tls(self.stream)
+                    self.conn.tls_established()
+                elif isinstance(event, ev.ClientInit):
+                    frame = await self.context.service.wait_ready()
+                    if not event.shared:
+                        self.context.disconnect_others(self)
+                    self.conn.send_server_init(frame.width, frame.height, self.context.source.name)
+                    self._client_size = self._known_size = frame.size
+                    self._sent_version = frame.version
+                    self._dirty = full_mask(*frame.size)
+                    await self.stream.send_all(self.conn.data_to_send())
+                    self.context.sessions.add(self)
+                    log.info("%s: connected (%s)", self.peer, self.username or "no user")
+                    return
+
+    # -- receive ----------------------------------------------------------------------
+
+    async def _receive_task(self) -> None:
+        while True:
+            # Bytes that came with the handshake's last read are parsed first.
+            while (event := self.conn.next_event()) is not NEED_DATA:
+                assert isinstance(event, ev.Event)
+                await self._handle(event)
+            if self.conn.has_data_to_send():
+                # Protocol replies (fence, EndOfContinuousUpdates, caps) go out
+                # through the send task, the stream's only writer.
+                self.poke()
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                self.close("client disconnected")
+                return
+            self.stats.bytes_received += len(data)
+            self.conn.receive_data(data)
+
+    async def _handle(self, event: ev.Event) -> None:
+        source = self.context.source
+        match event:
+            case ev.FramebufferUpdateRequest(incremental=incremental, rect=rect):
+                self._request_pending = True
+                self._requested = self._requested.union(rect)
+                if not incremental:
+                    self._full_area = rect if self._full_area is None else self._full_area.union(rect)
+                    if self.conn.capabilities.extended_desktop_size:
+                        self._eds_due = True
+                self.poke()
+            case ev.SetEncodings():
+                self._on_set_encodings()
+            case ev.SetPixelFormat():
+                self.encoders.pixel_format_changed()
+                self._full_area = Rect(0, 0, *self._client_size) if self._client_size else None
+            case ev.KeyEvent(keysym=keysym, down=down) if self.can_write:
+                await source.key_event(keysym, down)
+            case ev.QEMUKeyEvent(keysym=keysym, down=down) if self.can_write:
+                await source.key_event(keysym, down)
+            case ev.PointerEvent(x=x, y=y, buttons=buttons, scroll_x=sx, scroll_y=sy) if self.can_write:
+                await source.pointer_event(x, y, buttons)
+                if sx or sy:
+                    await source.scroll_event(x, y, sx, sy)
+            case ev.ClientCutText(text=text) if self.can_write:
+                await self.context.client_clipboard(self, text)
+            case ev.ClipboardProvide(text=text) if self.can_write and text is not None:
+                await self.context.client_clipboard(self, text)
+            case ev.KasmBinaryClipboard(items=items) if self.can_write:
+                for mime, data in items:
+                    if mime.startswith("text/plain"):
+                        await self.context.client_clipboard(self, data.decode("utf-8", "replace"))
+                        break
+            case ev.EnableContinuousUpdates():
+                self.poke()
+            case ev.ClientFence(flags=flags, payload=payload) if not flags & FenceFlags.REQUEST:
+                self._on_fence_reply(payload)
+            case ev.SetDesktopSize(width=width, height=height) if self.can_write:
+                await self._on_set_desktop_size(width, height)
+            case ev.SetDesktopSize():
+                self._eds_replies.append((DesktopSizeReason.THIS_CLIENT, DesktopSizeStatus.PROHIBITED))
+                self.poke()
+            case _:
+                pass  # input from read-only users and messages with nothing to do
+
+    def _on_set_encodings(self) -> None:
+        caps = self.conn.capabilities
+        self.encoders.configure(caps)
+        if PseudoEncoding.QEMU_EXTENDED_KEY_EVENT in caps.pseudo:
+            self._pseudo_due.append(writers.empty_pseudo_rect(PseudoEncoding.QEMU_EXTENDED_KEY_EVENT))
+        if PseudoEncoding.EXTENDED_MOUSE_BUTTONS in caps.pseudo and not self.conn.extended_mouse_buttons:
+            self._pseudo_due.append(writers.empty_pseudo_rect(PseudoEncoding.EXTENDED_MOUSE_BUTTONS))
+        self.poke()
+
+    async def _on_set_desktop_size(self, width: int, height: int) -> None:
+        ok = 0 < width <= 16384 and 0 < height <= 16384
+        done = ok and await self.context.source.set_size(width, height)
+        status = DesktopSizeStatus.OK if done else (
+            DesktopSizeStatus.PROHIBITED if ok else DesktopSizeStatus.INVALID_LAYOUT
+        )
+        self._eds_replies.append((DesktopSizeReason.THIS_CLIENT, status))
+        if done:
+            self.context.notify_resize_by(self)
+        self.poke()
+
+    def resized_by_other(self) -> None:
+        self._eds_replies.append((DesktopSizeReason.OTHER_CLIENT, DesktopSizeStatus.OK))
+        self.poke()
+
+    # -- send -------------------------------------------------------------------------
+
+    def _due(self, frame: Frame) -> bool:
+        if self._control or self.conn.has_data_to_send():
+            return True
+        if self._eds_replies:
+            return True
+        if not (self._request_pending or self.conn.continuous_updates is not None):
+            return False
+        if self._pseudo_due or self._eds_due or self._full_area is not None:
+            return True
+        if frame.size != self._known_size:
+            return True
+        if frame.version > self._sent_version:
+            return True
+        return self._request_pending and self._dirty is not None and bool(self._dirty.any())
+
+    async def _send_task(self) -> None:
+        service = self.context.service
+        while True:
+            frame = service.latest
+            assert frame is not None
+            if not self._due(frame):
+                await self._poke.wait()
+                self._poke = trio.Event()
+                continue
+            await self._send_pending(frame)
+
+    async def _send_pending(self, frame: Frame) -> None:
+        out: list[bytes] = [self.conn.data_to_send()]
+        out += self._control
+        self._control = []
+        sending_update = self._request_pending or self.conn.continuous_updates is not None
+        if sending_update or self._eds_replies:
+            out += self._size_update(frame)
+        if sending_update:
+            out += await self._framebuffer_update(frame)
+        await self._write(out)
+
+    def _size_update(self, frame: Frame) -> list[bytes]:
+        """An update with only size pseudo-rects, when one is due: desktop
+        size changes and ExtendedDesktopSize replies carry no pixel data."""
+        caps = self.conn.capabilities
+        rects: list[bytes] = []
+        size_changed = frame.size != self._client_size
+        if caps.extended_desktop_size:
+            screens = [ev.Screen(0, 0, 0, frame.width, frame.height)]
+            for reason, status in self._eds_replies:
+                rects.append(writers.extended_desktop_size_rect(frame.width, frame.height, screens,
+                                                                reason, status))
+            if (size_changed and not self._eds_replies) or (self._eds_due and not rects):
+                rects.append(writers.extended_desktop_size_rect(frame.width, frame.height, screens))
+        elif size_changed and caps.desktop_size:
+            rects.append(writers.desktop_size_rect(frame.width, frame.height))
+        self._eds_replies.clear()
+        self._eds_due = False
+        if frame.size != self._known_size:
+            self._known_size = frame.size
+            if caps.extended_desktop_size or caps.desktop_size:
+                self._client_size = frame.size
+                self._full_area = Rect(0, 0, *frame.size)
+            else:
+                log.info("%s: desktop resized; this client cannot follow, so it sees a clipped part",
+                         self.peer)
+        if not rects:
+            return []
+        return [writers.framebuffer_update_header(len(rects)), *rects]
+
+    def _take_dirty(self, frame: Frame, area: Rect) -> list[Rect]:
+        """Fold the damage since the last update into this client's dirty
+        tiles, and take out the rects that lie in `area`."""
+        new = self.context.service.damage_since(self._sent_version)
+        self._sent_version = frame.version
+        if new is None:
+            self._dirty = full_mask(*frame.size)
+        elif self._dirty is None or self._dirty.shape != new.shape:
+            self._dirty = new.copy()
+        else:
+            self._dirty |= new
+        if area.is_empty() or not self._dirty.any():
+            return []
+        rects = []
+        for r in mask_to_rects(self._dirty, frame.width, frame.height):
+            piece = r.intersect(area)
+            if not piece.is_empty():
+                rects.append(piece)
+        # Clear the tiles wholly inside the area; a tile that sticks out stays
+        # dirty, so its outside part is sent when it is asked for.
+        ty0, tx0 = -(-area.y // TILE), -(-area.x // TILE)
+        ty1 = area.bottom // TILE if area.bottom < frame.height else self._dirty.shape[0]
+        tx1 = area.right // TILE if area.right < frame.width else self._dirty.shape[1]
+        self._dirty[ty0:ty1, tx0:tx1] = False
+        return rects
+
+    async def _framebuffer_update(self, frame: Frame) -> list[bytes]:
+        client_w, client_h = self._client_size or frame.size
+        screen = Rect(0, 0, min(client_w, frame.width), min(client_h, frame.height))
+        continuous = self.conn.continuous_updates
+        area = (continuous if continuous is not None else self._requested).intersect(screen)
+        rects = self._take_dirty(frame, area)
+        if self._full_area is not None:
+            full = self._full_area.intersect(screen)
+            rects = [r for r in rects if not _contains(full, r)]
+            if not full.is_empty():
+                rects.insert(0, full)
+        self._full_area = None
+        pseudo = self._pseudo_due
+        if not rects and not pseudo:
+            return []  # nothing in the area yet: the request stays pending
+        self._pseudo_due = []
+        started = time.perf_counter()
+        stats = EncodeStats.empty()
+        encoded = await encode_rects(
+            self.encoders, self.context.cache, self.context.limiter, frame.version,
+            frame.pixels, rects, self.conn.pixel_format, stats,
+        )
+        encode_wall = time.perf_counter() - started
+        for name, cpu in stats.cpu.items():
+            self.context.service.record_encoding(frame.version, name, cpu, stats.count[name],
+                                                 stats.area[name])
+        self.context.service.record_update_sent(frame.version, encode_wall)
+        self._request_pending = False
+        self._requested = Rect(0, 0, 0, 0)
+        ext_mouse = writers.empty_pseudo_rect(PseudoEncoding.EXTENDED_MOUSE_BUTTONS)
+        if ext_mouse in pseudo:
+            self.conn.extended_mouse_buttons = True
+        count = len(encoded) + len(pseudo)
+        last_rect = self.conn.capabilities.last_rect and count > writers.MAX_RECTS
+        out = [writers.framebuffer_update_header(None if last_rect else count)]
+        out += pseudo
+        for e in encoded:
+            out.append(writers.rect_header(e.rect, e.encoding))
+            out += e.payload
+        if last_rect:
+            out.append(writers.last_rect())
+        self.stats.updates_sent += 1
+        self.stats.rects_sent += len(encoded)
+        self.stats.last_update_version = frame.version
+        return out
+
+    async def _write(self, chunks: list[bytes]) -> None:
+        """Send chunks, joining small ones so that a many-rect update is a few
+        large writes and a JPEG is never copied."""
+        batch: list[bytes] = []
+        size = 0
+        for chunk in chunks:
+            if not chunk:
+                continue
+            if len(chunk) >= 65536:
+                if batch:
+                    await self.stream.send_all(b"".join(batch))
+                    batch, size = [], 0
+                await self.stream.send_all(chunk)
+            else:
+                batch.append(chunk)
+                size += len(chunk)
+                if size >= 65536:
+                    await self.stream.send_all(b"".join(batch))
+                    batch, size = [], 0
+            self.stats.bytes_sent += len(chunk)
+        if batch:
+            await self.stream.send_all(b"".join(batch))
+
+    # -- measurement ---------------------------------------------------------------
+
+    async def _measure_task(self) -> None:
+        """Fence round trips, once a second, for RTT and delivered bandwidth.
+        A fence with BlockBefore is answered only after the client processed
+        everything sent before it, so the ack also tells what it absorbed."""
+        while True:
+            await trio.sleep(self.context.config.measure_interval)
+            if not self.conn.capabilities.fence or len(self.stats.fences) > 8:
+                continue
+            fence_id = next(self._fence_ids)
+            self.stats.fences[fence_id] = (time.perf_counter(), self.stats.bytes_sent)
+            payload = _FENCE_TAG + struct.pack(">I", fence_id)
+            self._control.append(writers.server_fence(FenceFlags.REQUEST | FenceFlags.BLOCK_BEFORE, payload))
+            self.poke()
+
+    def _on_fence_reply(self, payload: bytes) -> None:
+        if not payload.startswith(_FENCE_TAG) or len(payload) != len(_FENCE_TAG) + 4:
+            return
+        (fence_id,) = struct.unpack(">I", payload[len(_FENCE_TAG):])
+        sent = self.stats.fences.pop(fence_id, None)
+        if sent is None:
+            return
+        now = time.perf_counter()
+        rtt = now - sent[0]
+        self.stats.rtt = rtt
+        self.stats.min_rtt = rtt if self.stats.min_rtt is None else min(self.stats.min_rtt, rtt)
+        self.stats.acked.append((now, sent[1]))
+
+    @property
+    def state(self) -> State:
+        return self.conn.state
+
+
+def _contains(outer: Rect, inner: Rect) -> bool:
+    return outer.intersect(inner) == inner
+
+
+@contextmanager
+def _ends_connection(session: ClientSession) -> Iterator[None]:
+    """Turn the ways a connection ends into a logged reason and a cancel of
+    the session (never an exception into the server's nursery)."""
+    in_handshake = session.conn.state is not State.NORMAL
+    try:
+        yield
+    except ProtocolError as exc:
+        session._failed_in_handshake = in_handshake
+        log.warning("%s: protocol error: %s", session.peer, exc.reason)
+        session.close(f"protocol error: {exc.reason}")
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        session.close(f"connection lost: {exc or type(exc).__name__}")
+    except trio.TooSlowError:
+        log.info("%s: handshake timed out", session.peer)
+        session.close("handshake timed out")
