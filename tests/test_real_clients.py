@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -119,11 +120,12 @@ async def _viewer_screen(xvfb: Xvfb, port: int, encoding: str, expected: npt.NDA
                          min_psnr: float) -> float:
     """Run xtigervncviewer full screen on the Xvfb; return the best PSNR of its
     picture against `expected` (RGB) seen within the time limit."""
+    log = tempfile.TemporaryFile()
     viewer = subprocess.Popen(
         [require("xtigervncviewer"), "-FullScreen", f"-PreferredEncoding={encoding}",
          "-AutoSelect=0", "-QualityLevel=8", "-SecurityTypes=None", "-Shared=1",
          f"127.0.0.1::{port}"],
-        env=xvfb.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=xvfb.env(), stdout=subprocess.DEVNULL, stderr=log,
     )
     best = 0.0
     try:
@@ -131,14 +133,15 @@ async def _viewer_screen(xvfb: Xvfb, port: int, encoding: str, expected: npt.NDA
             while best < min_psnr:
                 await trio.sleep(0.5)
                 if viewer.poll() is not None:
-                    assert viewer.stderr is not None
-                    pytest.fail(f"viewer exited: {viewer.stderr.read().decode()}")
+                    log.seek(0)
+                    pytest.fail(f"viewer exited: {log.read().decode()}")
                 screen = await trio.to_thread.run_sync(xvfb.screenshot)
                 h, w = expected.shape[:2]
                 best = max(best, psnr(np.ascontiguousarray(screen[:h, :w, 2::-1]), expected))
     finally:
         viewer.terminate()
         viewer.wait(5)
+        log.close()
     return best
 
 
