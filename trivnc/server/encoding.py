@@ -170,15 +170,16 @@ class SessionEncoders:
             return RREEncoder()
         return RawEncoder()
 
-    def stateless_key(self, encoding: int) -> Hashable | None:
-        """What besides pixels and pixel format decides a stateless encoding's output."""
-        if encoding not in STATELESS:
-            return None
-        if encoding == Encoding.TIGHT_PNG:
+    def share_key(self, encoding: int) -> Hashable | None:
+        """What besides pixels and pixel format decides the output of an
+        encoding whose rects may be shared between sessions; None if none can."""
+        if encoding in STATELESS:
+            return (encoding,)
+        if encoding == Encoding.TIGHT:
             enc = self.encoder(encoding)
             assert isinstance(enc, TightEncoder)
             return (encoding, enc.settings)
-        return (encoding,)
+        return None
 
     def pixel_format_changed(self) -> None:
         """Streams hold bytes in the old format's framing: start them afresh."""
@@ -195,6 +196,18 @@ def encode_batch(
     return out, time.thread_time() - start
 
 
+def shareable(encoding: int, payload: Payload) -> bool:
+    """Whether an encoded rect is the same for every session. Tight fill, JPEG,
+    PNG, WebP and QOI rects touch no zlib stream; a reset bit in the control
+    byte, or basic compression, ties the rect to one session's streams."""
+    if encoding in STATELESS:
+        return True
+    if encoding == Encoding.TIGHT and payload and payload[0]:
+        ctl = payload[0][0]
+        return ctl & 0x0F == 0 and ctl >> 4 in (0x8, 0x9, 0xB, 0xC)
+    return False
+
+
 async def encode_rects(
     encoders: SessionEncoders,
     cache: EncodeCache,
@@ -205,54 +218,63 @@ async def encode_rects(
     pf: PixelFormat,
     stats: EncodeStats,
 ) -> list[EncodedRect]:
-    """Encode damaged rects of one frame for one session."""
+    """Encode damaged rects of one frame for one session.
+
+    Rects that another session encoded the same way are taken from the cache
+    (or awaited while in flight). The session's own rects are encoded in one
+    worker-thread call, in order, so stateful encoders' zlib streams see them
+    in the order the client will; the result lists them in that same order.
+    """
     encoding = encoders.encoding
     pieces = [p for r in rects for p in split_rect(r, encoding)]
     if not pieces:
         return []
     encoder = encoders.encoder(encoding)
     name = ENCODER_NAMES.get(encoding, str(encoding))
-    key_extra = encoders.stateless_key(encoding)
-    if key_extra is None:
+    share = encoders.share_key(encoding)
+
+    async def batch(todo: list[Rect]) -> list[Payload]:
         payloads, cpu = await trio.to_thread.run_sync(
-            encode_batch, encoder, pixels, pieces, pf, limiter=limiter
+            encode_batch, encoder, pixels, todo, pf, limiter=limiter
         )
-        stats.add(name, cpu, pieces)
+        stats.add(name, cpu, todo)
+        return payloads
+
+    if share is None:
+        payloads = await batch(pieces)
         return [EncodedRect(r, encoding, p) for r, p in zip(pieces, payloads, strict=True)]
-    # Stateless: share through the cache. Encode the missing pieces in one call.
-    results: dict[Rect, Payload] = {}
-    missing: list[Rect] = []
+
+    out: list[EncodedRect] = []
+    mine: list[Rect] = []
     waits: list[tuple[Rect, trio.Event]] = []
     for r in pieces:
-        key = (version, r, pf, key_extra)
+        key = (version, r, pf, share)
         hit = cache.get(key)
         if hit is not None:
-            results[r] = hit
+            out.append(EncodedRect(r, encoding, hit))
         elif (event := cache.inflight(key)) is not None:
             waits.append((r, event))
         else:
             cache.begin(key)
-            missing.append(r)
+            mine.append(r)
     try:
-        if missing:
-            payloads, cpu = await trio.to_thread.run_sync(
-                encode_batch, encoder, pixels, missing, pf, limiter=limiter
-            )
-            stats.add(name, cpu, missing)
-            for r, p in zip(missing, payloads, strict=True):
-                results[r] = p
-                cache.put((version, r, pf, key_extra), p)
+        if mine:
+            for r, p in zip(mine, await batch(mine), strict=True):
+                out.append(EncodedRect(r, encoding, p))
+                if shareable(encoding, p):
+                    cache.put((version, r, pf, share), p)
     finally:
-        for r in missing:
-            cache.end((version, r, pf, key_extra))
+        for r in mine:
+            cache.end((version, r, pf, share))
+    redo: list[Rect] = []
     for r, event in waits:
         await event.wait()
-        hit = cache.get((version, r, pf, key_extra))
-        if hit is None:  # the encoding session went away mid-way: do it here
-            (payload,), cpu = await trio.to_thread.run_sync(
-                encode_batch, encoder, pixels, [r], pf, limiter=limiter
-            )
-            stats.add(name, cpu, [r])
-            hit = payload
-        results[r] = hit
-    return [EncodedRect(r, encoding, results[r]) for r in pieces]
+        hit = cache.get((version, r, pf, share))
+        if hit is None:
+            redo.append(r)  # not shareable after all, or its encoder went away
+        else:
+            out.append(EncodedRect(r, encoding, hit))
+    if redo:
+        for r, p in zip(redo, await batch(redo), strict=True):
+            out.append(EncodedRect(r, encoding, p))
+    return out
