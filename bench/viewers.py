@@ -3,10 +3,11 @@
 Starts `trivnc` in a subprocess on the animated demo desktop, connects N
 viewers from this process (each asking for the next update as soon as it has
 the last one, Tight with JPEG quality 6, as TigerVNC's viewer does by default;
-they frame the stream without decoding pixels, so their CPU stays small), and reports delivered frames per second per viewer and the
-server's CPU seconds per delivered frame, read from /proc for the server's
-PID only. Run: python bench/viewers.py [--seconds 10] [--geometry 1920x1080]
+they frame the stream without decoding pixels, so their CPU stays small), and
+reports delivered frames per second per viewer and the server's CPU seconds
+per delivered frame, read from /proc for the server's PID only. Run: python bench/viewers.py [--seconds 10] [--geometry 1920x1080]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,18 @@ def cpu_seconds(pid: int) -> float:
 
 def start_server(geometry: str) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trivnc.cli", "--geometry", geometry, "--insecure-no-auth",
-         "--rfb-port", "0"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "trivnc.cli",
+            "--geometry",
+            geometry,
+            "--insecure-no-auth",
+            "--rfb-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -121,7 +131,9 @@ async def viewer(port: int, seconds: float, counts: list[int], index: int) -> No
     await r.read(name_len)
     # RGBX like TigerVNC and noVNC, so Tight uses 3-byte TPIXELs.
     await stream.send_all(b"\x00\x00\x00\x00" + RGBX.pack())
-    await stream.send_all(b"\x02\x00" + struct.pack(f">H{len(ENCODINGS)}i", len(ENCODINGS), *ENCODINGS))
+    await stream.send_all(
+        b"\x02\x00" + struct.pack(f">H{len(ENCODINGS)}i", len(ENCODINGS), *ENCODINGS)
+    )
     request = b"\x03\x01" + struct.pack(">HHHH", 0, 0, width, height)
     await stream.send_all(b"\x03\x00" + struct.pack(">HHHH", 0, 0, width, height))
     deadline = trio.current_time() + seconds
@@ -137,7 +149,7 @@ async def viewer(port: int, seconds: float, counts: list[int], index: int) -> No
             (nrects,) = struct.unpack(">xH", await r.read(3))
             pixels = False
             while nrects:
-                x, y, w, h, enc = struct.unpack(">HHHHi", await r.read(12))
+                _x, _y, w, h, enc = struct.unpack(">HHHHi", await r.read(12))
                 nrects -= 1
                 if enc == Encoding.TIGHT:
                     await _skip_tight(r, w, h)
@@ -191,8 +203,10 @@ def main() -> None:
     print(f"demo desktop {args.geometry}, {args.seconds:.0f} s per run, Tight JPEG q6")
     print(f"{'viewers':>8} {'fps/viewer':>11} {'server CPU s/s':>15} {'CPU ms/frame':>13}")
     for r in results:
-        print(f"{r['viewers']:>8.0f} {r['fps_per_viewer']:>11.1f} {r['server_cpu_per_second']:>15.3f} "
-              f"{r['server_cpu_ms_per_frame']:>13.2f}")
+        print(
+            f"{r['viewers']:>8.0f} {r['fps_per_viewer']:>11.1f} "
+            f"{r['server_cpu_per_second']:>15.3f} {r['server_cpu_ms_per_frame']:>13.2f}"
+        )
     ratio = results[1]["server_cpu_per_second"] / max(results[0]["server_cpu_per_second"], 1e-9)
     print(f"CPU ratio, ten viewers / one viewer: {ratio:.2f} (target < 1.5)")
     if args.json:

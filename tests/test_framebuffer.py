@@ -1,4 +1,5 @@
 """Tile damage, rect merging and the framebuffer service's versions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -77,14 +78,14 @@ async def test_service_versions_and_damage_history() -> None:
         source.pixels[0:5, 0:5] = 7
         source.mark_changed(Rect(0, 0, 5, 5))
         with trio.fail_after(5):
-            while service.latest.version < 2:
+            while service.latest is None or service.latest.version < 2:
                 await trio.sleep(0.01)
         mask = service.damage_since(1)
         assert mask is not None and mask[0, 0] and mask.sum() == 1
         # A mark with no real change publishes nothing.
         source.mark_changed(Rect(100, 100, 5, 5))
         await trio.sleep(0.5)
-        assert service.latest.version == 2
+        assert service.latest is not None and service.latest.version == 2
         timing = service.timings.get(2)
         assert timing is not None and {"Screenshot", "Analysis"} <= set(timing.spans)
         assert timing.changed_area == 64 * 64

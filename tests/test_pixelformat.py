@@ -1,5 +1,6 @@
 """Pixel-format conversion from the internal BGRX frame, checked against a
 per-pixel reference written from RFC 6143 section 7.4."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,7 @@
 """trivnc driven by real third-party VNC clients, each started by the test:
 vncdotool (Raw, RFB 3.8, SetPixelFormat RGBX), vncsnapshot (RFB 3.3 only),
 asyncvnc (Zlib), and TigerVNC's viewer under Xvfb (Tight JPEG and ZRLE)."""
+
 from __future__ import annotations
 
 import shutil
@@ -47,15 +48,19 @@ def rgb_of(source: ArraySource) -> npt.NDArray[np.uint8]:
     return np.ascontiguousarray(source.pixels[..., 2::-1])
 
 
-async def run(args: list[str], timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[bytes]:
+async def run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(timeout):
-        return await trio.run_process(args, capture_stdout=True, capture_stderr=True, check=False, **kw)  # type: ignore[arg-type]
+        return await trio.run_process(args, capture_stdout=True, capture_stderr=True, check=False)
 
 
-async def test_vncdotool_capture_is_exact(served: tuple[Server, ArraySource], tmp_path: Path) -> None:
+async def test_vncdotool_capture_is_exact(
+    served: tuple[Server, ArraySource], tmp_path: Path
+) -> None:
     server, source = served
     out = tmp_path / "capture.png"
-    result = await run([require("vncdo"), "-s", f"127.0.0.1::{server.rfb_port}", "capture", str(out)])
+    result = await run(
+        [require("vncdo"), "-s", f"127.0.0.1::{server.rfb_port}", "capture", str(out)]
+    )
     assert result.returncode == 0, result.stderr.decode()
     image = imagecodecs.png_decode(out.read_bytes())
     assert image.shape == (HEIGHT, WIDTH, 3)
@@ -66,11 +71,21 @@ async def test_vncdotool_input_reaches_the_source(served: tuple[Server, ArraySou
     server, source = served
     events = source.input_events()
     result = await run(
-        [require("vncdo"), "-s", f"127.0.0.1::{server.rfb_port}", "move", "123", "45", "click", "1",
-         "key", "a"]
+        [
+            require("vncdo"),
+            "-s",
+            f"127.0.0.1::{server.rfb_port}",
+            "move",
+            "123",
+            "45",
+            "click",
+            "1",
+            "key",
+            "a",
+        ]
     )
     assert result.returncode == 0, result.stderr.decode()
-    seen = []
+    seen: list[object] = []
     with trio.move_on_after(5):
         while len(seen) < 5:
             seen.append(await events.receive())
@@ -80,12 +95,21 @@ async def test_vncdotool_input_reaches_the_source(served: tuple[Server, ArraySou
 
 
 @pytest.mark.parametrize("encoding", ["raw", "hextile", "zlib"])
-async def test_vncsnapshot_rfb33(served: tuple[Server, ArraySource], tmp_path: Path, encoding: str) -> None:
+async def test_vncsnapshot_rfb33(
+    served: tuple[Server, ArraySource], tmp_path: Path, encoding: str
+) -> None:
     server, source = served
     out = tmp_path / "snap.jpg"
     result = await run(
-        [require("vncsnapshot"), "-quality", "100", "-encodings", encoding,
-         f"127.0.0.1::{server.rfb_port}", str(out)]
+        [
+            require("vncsnapshot"),
+            "-quality",
+            "100",
+            "-encodings",
+            encoding,
+            f"127.0.0.1::{server.rfb_port}",
+            str(out),
+        ]
     )
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
     image = imagecodecs.jpeg8_decode(out.read_bytes())
@@ -116,16 +140,26 @@ async def test_asyncvnc_zlib(served: tuple[Server, ArraySource], tmp_path: Path)
     assert np.array_equal(rgba[..., :3], rgb_of(source))
 
 
-async def _viewer_screen(xvfb: Xvfb, port: int, encoding: str, expected: npt.NDArray[np.uint8],
-                         min_psnr: float) -> float:
+async def _viewer_screen(
+    xvfb: Xvfb, port: int, encoding: str, expected: npt.NDArray[np.uint8], min_psnr: float
+) -> float:
     """Run xtigervncviewer full screen on the Xvfb; return the best PSNR of its
     picture against `expected` (RGB) seen within the time limit."""
-    log = tempfile.TemporaryFile()
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
     viewer = subprocess.Popen(
-        [require("xtigervncviewer"), "-FullScreen", f"-PreferredEncoding={encoding}",
-         "-AutoSelect=0", "-QualityLevel=8", "-SecurityTypes=None", "-Shared=1",
-         f"127.0.0.1::{port}"],
-        env=xvfb.env(), stdout=subprocess.DEVNULL, stderr=log,
+        [
+            require("xtigervncviewer"),
+            "-FullScreen",
+            f"-PreferredEncoding={encoding}",
+            "-AutoSelect=0",
+            "-QualityLevel=8",
+            "-SecurityTypes=None",
+            "-Shared=1",
+            f"127.0.0.1::{port}",
+        ],
+        env=xvfb.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=log,
     )
     best = 0.0
     try:
@@ -147,7 +181,9 @@ async def _viewer_screen(xvfb: Xvfb, port: int, encoding: str, expected: npt.NDA
 
 @pytest.mark.xvfb
 @pytest.mark.parametrize(("encoding", "min_psnr"), [("Tight", 30.0), ("ZRLE", 99.0)])
-async def test_tigervnc_viewer(served: tuple[Server, ArraySource], encoding: str, min_psnr: float) -> None:
+async def test_tigervnc_viewer(
+    served: tuple[Server, ArraySource], encoding: str, min_psnr: float
+) -> None:
     require("Xvfb")
     server, source = served
     with Xvfb(WIDTH, HEIGHT) as xvfb:

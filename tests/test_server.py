@@ -1,12 +1,13 @@
 """trivnc.serve end to end over TCP on loopback, with the decoding test client."""
+
 from __future__ import annotations
 
 import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -65,7 +66,14 @@ async def test_serve_reports_address_and_stops(nursery: trio.Nursery, source: Ar
     assert not scope.cancelled_caught
 
 
-LOSSLESS = [Encoding.RAW, Encoding.RRE, Encoding.HEXTILE, Encoding.ZLIB, Encoding.ZRLE, Encoding.TIGHT]
+LOSSLESS = [
+    Encoding.RAW,
+    Encoding.RRE,
+    Encoding.HEXTILE,
+    Encoding.ZLIB,
+    Encoding.ZRLE,
+    Encoding.TIGHT,
+]
 
 
 @pytest.mark.parametrize("encoding", LOSSLESS, ids=lambda e: Encoding(e).name)
@@ -73,8 +81,9 @@ LOSSLESS = [Encoding.RAW, Encoding.RRE, Encoding.HEXTILE, Encoding.ZLIB, Encodin
 async def test_every_encoding_and_format_is_exact(
     server: Server, source: ArraySource, encoding: int, pf: PixelFormat | None
 ) -> None:
-    async with client(server, encodings=[encoding, PseudoEncoding.EXTENDED_DESKTOP_SIZE],
-                      pixel_format=pf) as c:
+    async with client(
+        server, encodings=[encoding, PseudoEncoding.EXTENDED_DESKTOP_SIZE], pixel_format=pf
+    ) as c:
         assert c.name == "test desk"
         shot = await c.screenshot()
     assert np.array_equal(shot[..., :3], expected(source, pf or BGRX))
@@ -89,7 +98,9 @@ async def test_tight_jpeg_follows_quality(server: Server, source: ArraySource) -
     assert scores[9] > scores[0] > 20
 
 
-async def test_incremental_update_carries_exactly_the_change(server: Server, source: ArraySource) -> None:
+async def test_incremental_update_carries_exactly_the_change(
+    server: Server, source: ArraySource
+) -> None:
     async with client(server, encodings=[Encoding.RAW]) as c:
         await c.screenshot()
         await c.request_update(incremental=True)
@@ -124,13 +135,21 @@ async def test_ten_clients(server: Server, source: ArraySource) -> None:
 
 
 async def test_identical_requests_are_encoded_once(server: Server) -> None:
-    async with client(server, encodings=[Encoding.HEXTILE]) as a, \
-            client(server, encodings=[Encoding.HEXTILE]) as b:
+    async with (
+        client(server, encodings=[Encoding.HEXTILE]) as a,
+        client(server, encodings=[Encoding.HEXTILE]) as b,
+    ):
         await a.screenshot()
         misses = server.context.cache.misses
         await b.screenshot()
     assert server.context.cache.hits > 0
     assert server.context.cache.misses == misses  # the second viewer encoded nothing
+
+
+async def _published_after(server: Server, version: int) -> None:
+    with trio.fail_after(5):
+        while server.service.latest is None or server.service.latest.version <= version:
+            await trio.sleep(0.01)
 
 
 async def _animate(source: ArraySource, stop: trio.Event) -> None:
@@ -235,8 +254,12 @@ async def test_continuous_updates(server: Server, source: ArraySource) -> None:
 async def test_resize_by_client(server: Server, source: ArraySource) -> None:
     async with client(server) as c:
         await c.screenshot()
-        await c.send(b"\xfb\x00" + struct.pack(">HHB", 200, 100, 1) + b"\x00"
-                     + struct.pack(">IHHHHI", 0, 0, 0, 200, 100, 0))
+        await c.send(
+            b"\xfb\x00"
+            + struct.pack(">HHB", 200, 100, 1)
+            + b"\x00"
+            + struct.pack(">IHHHHI", 0, 0, 0, 200, 100, 0)
+        )
         reply = await c.wait_for(ExtendedDesktopSize, predicate=lambda e: e.reason == 1)
         assert reply.status == 0
         shot = await c.screenshot()
@@ -267,3 +290,33 @@ def test_config_refusals() -> None:
     assert main(["--insecure-no-auth", "--listen", "0.0.0.0"]) == 2
     assert main(["--display", ":1", "--insecure-no-auth"]) == 2
     assert main(["--web-port", "8443", "--insecure-no-auth"]) == 2
+
+
+@pytest.mark.parametrize(
+    "encoding", [Encoding.ZLIB, Encoding.ZRLE, Encoding.TIGHT], ids=lambda e: Encoding(e).name
+)
+async def test_pixel_format_change_keeps_streams_in_step(
+    server: Server, source: ArraySource, encoding: int
+) -> None:
+    async with client(server, encodings=[encoding]) as c:
+        await c.screenshot()
+        await c.set_pixel_format(RGB565)
+        shot = await c.screenshot()
+        diff = np.argwhere((shot[..., :3] != expected(source, RGB565)).any(axis=2))
+        assert len(diff) == 0, (diff[:3], diff[-3:], len(diff))
+        await c.set_pixel_format(RGBX)
+        version = server.service.latest.version if server.service.latest else 0
+        source.pixels[:40, :40] = (9, 99, 199, 0)
+        source.mark_changed(Rect(0, 0, 40, 40))
+        await _published_after(server, version)
+        shot = await c.screenshot()
+        assert np.array_equal(shot[..., :3], source.pixels[..., :3])
+
+
+async def test_tight_jpeg_rects_are_shared(server: Server) -> None:
+    encodings = [Encoding.TIGHT, -32 + 6]
+    async with client(server, encodings=encodings) as a, client(server, encodings=encodings) as b:
+        await a.screenshot()
+        hits = server.context.cache.hits
+        await b.screenshot()
+    assert server.context.cache.hits > hits

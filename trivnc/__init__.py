@@ -6,6 +6,7 @@ Embed it in a trio program::
         server = await nursery.start(trivnc.serve, trivnc.Config(source=source, rfb_port=0))
         print(server.rfb_addresses)
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """The `trivnc` command: the library with a command line around it."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,24 +23,48 @@ def build_parser() -> argparse.ArgumentParser:
         "serves a built-in demo desktop.",
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--display", metavar=":N", help="share a running X display (not available yet)")
-    src.add_argument("--xvfb", metavar="WxH", help="start a private Xvfb of this size (not available yet)")
-    src.add_argument("--geometry", metavar="WxH", help="size of the demo desktop (default 1280x720)")
-    p.add_argument("--listen", metavar="ADDR", action="append",
-                   help="address to listen on; repeat for several (default 127.0.0.1)")
+    src.add_argument(
+        "--display", metavar=":N", help="share a running X display (not available yet)"
+    )
+    src.add_argument(
+        "--xvfb", metavar="WxH", help="start a private Xvfb of this size (not available yet)"
+    )
+    src.add_argument(
+        "--geometry", metavar="WxH", help="size of the demo desktop (default 1280x720)"
+    )
+    p.add_argument(
+        "--listen",
+        metavar="ADDR",
+        action="append",
+        help="address to listen on; repeat for several (default 127.0.0.1)",
+    )
     p.add_argument("--rfb-port", metavar="N|off", help="VNC (RFB) port (default 5900)")
-    p.add_argument("--web-port", metavar="N|off", help="HTTPS port (not available yet; 'off' accepted)")
+    p.add_argument(
+        "--web-port", metavar="N|off", help="HTTPS port (not available yet; 'off' accepted)"
+    )
     p.add_argument("--users", metavar="FILE", help="users file (not available yet)")
-    p.add_argument("--rfbauth", metavar="FILE",
-                   help="VNC password file (as TigerVNC's vncpasswd writes it) for VNC authentication")
+    p.add_argument(
+        "--rfbauth",
+        metavar="FILE",
+        help="VNC password file (as TigerVNC's vncpasswd writes it) for VNC authentication",
+    )
     p.add_argument("--cert", metavar="FILE", help="TLS certificate (PEM)")
     p.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
-    p.add_argument("--insecure-no-auth", action="store_true",
-                   help="let the RFB port accept clients without authentication (loopback only)")
-    p.add_argument("--config", metavar="FILE", help="TOML file with the same settings as the options")
-    p.add_argument("--max-frame-rate", metavar="N", type=float, help="frames per second at most (default 60)")
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="let the RFB port accept clients without authentication (loopback only)",
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML file with the same settings as the options"
+    )
+    p.add_argument(
+        "--max-frame-rate", metavar="N", type=float, help="frames per second at most (default 60)"
+    )
     p.add_argument("--desktop-name", metavar="NAME", help="name shown by viewers")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
     return p
 
 
@@ -88,8 +113,10 @@ async def _run(config: Config) -> None:
         print(f"trivnc: serving {what} ({w}x{h})", flush=True)
         for host, port in server.rfb_addresses:
             shown = f"[{host}]" if ":" in host else host
-            print(f"trivnc: VNC viewers connect to {shown}::{port}  (e.g. vncviewer {shown}::{port})",
-                  flush=True)
+            print(
+                f"trivnc: VNC viewers connect to {shown}::{port}  (e.g. vncviewer {shown}::{port})",
+                flush=True,
+            )
         if config.insecure_no_auth:
             print("trivnc: no authentication on the RFB port (loopback only)", flush=True)
         print("trivnc: press Ctrl+C to stop", flush=True)

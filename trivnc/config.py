@@ -1,5 +1,6 @@
 """trivnc's configuration: one dataclass that the command line, a TOML config
 file and embedding programs all fill in."""
+
 from __future__ import annotations
 
 import ipaddress

@@ -1,4 +1,5 @@
 """The framebuffer service: frames, versions, damage, timing spans."""
+
 from __future__ import annotations
 
 from .damage import TILE as TILE

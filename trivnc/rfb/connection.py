@@ -128,7 +128,7 @@ class _Buffer:
     def __len__(self) -> int:
         return len(self._data) - self._pos
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._pos and self._pos > len(self._data) // 2:
             del self._data[: self._pos]
             self._pos = 0
@@ -192,9 +192,12 @@ class ServerConnection:
 
     # -- I/O boundary ------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._raise_if_error()
         self._buffer.feed(data)
+
+    def has_data_to_send(self) -> bool:
+        return bool(self._outgoing)
 
     def data_to_send(self) -> bytes:
         out = bytes(self._outgoing)

@@ -1,4 +1,5 @@
 """The server: sessions, the encoding scheduler, listeners."""
+
 from __future__ import annotations
 
 from .server import Server as Server

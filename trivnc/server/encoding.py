@@ -37,7 +37,7 @@ BAND_HEIGHT = 256
 #: Encodings whose output depends only on the pixels and the pixel format.
 STATELESS = frozenset({Encoding.RAW, Encoding.RRE, Encoding.HEXTILE, Encoding.TIGHT_PNG})
 
-ENCODER_NAMES = {
+ENCODER_NAMES: dict[int, str] = {
     Encoding.RAW: "RawEncoder",
     Encoding.RRE: "RREEncoder",
     Encoding.HEXTILE: "HextileEncoder",

@@ -35,7 +35,9 @@ class ServerContext:
     cache: EncodeCache = field(default_factory=EncodeCache)
     sessions: set[ClientSession] = field(default_factory=set)
 
-    async def check_credentials(self, session: ClientSession, event: ev.CredentialsReceived) -> None:
+    async def check_credentials(
+        self, session: ClientSession, event: ev.CredentialsReceived
+    ) -> None:
         # VeNCrypt users arrive with the users file; until then nobody passes.
         session.conn.reject_credentials("no users are configured")
 
@@ -48,15 +50,19 @@ class ServerContext:
             if other is not keep:
                 other.close("another client connected non-shared")
 
-    def notify_resize_by(self, requester: ClientSession) -> None:
+    def notify_resize_by(self, requester: ClientSession, size: tuple[int, int]) -> None:
         for other in self.sessions:
             if other is not requester:
-                other.resized_by_other()
+                other.resized_by_other(size)
 
     async def client_clipboard(self, session: ClientSession, text: str) -> None:
         if len(text) > self.config.clipboard_max_size:
-            log.info("%s: clipboard of %d characters dropped (limit %d)", session.peer, len(text),
-                     self.config.clipboard_max_size)
+            log.info(
+                "%s: clipboard of %d characters dropped (limit %d)",
+                session.peer,
+                len(text),
+                self.config.clipboard_max_size,
+            )
             return
         await self.source.clipboard_text(text)
 
@@ -105,7 +111,9 @@ def _make_source(config: Config) -> Source:
     return DemoSource(*config.geometry)
 
 
-async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Run a trivnc server until cancelled. Reports a `Server` when listening."""
     config.validate()
     security = security_for(config)

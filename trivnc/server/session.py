@@ -12,7 +12,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -105,7 +105,11 @@ class ClientSession:
         self._client_size: tuple[int, int] | None = None
         self._known_size: tuple[int, int] | None = None
         self._eds_due = False
-        self._eds_replies: list[tuple[DesktopSizeReason, DesktopSizeStatus]] = []
+        #: ExtendedDesktopSize replies owed: (reason, status, the size they
+        #: must carry, or None for "whatever the size is now").
+        self._eds_replies: list[
+            tuple[DesktopSizeReason, DesktopSizeStatus, tuple[int, int] | None]
+        ] = []
         self._pseudo_due: list[bytes] = []
         self._control: list[bytes] = []
         self._poke = trio.Event()
@@ -158,11 +162,12 @@ class ClientSession:
             return
         data = self.conn.data_to_send()
         if data:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(1),
+                suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+            ):
+                await self.stream.send_all(data)
 
     # -- handshake --------------------------------------------------------------------
 
@@ -226,7 +231,9 @@ class ClientSession:
                 self._request_pending = True
                 self._requested = self._requested.union(rect)
                 if not incremental:
-                    self._full_area = rect if self._full_area is None else self._full_area.union(rect)
+                    self._full_area = (
+                        rect if self._full_area is None else self._full_area.union(rect)
+                    )
                     if self.conn.capabilities.extended_desktop_size:
                         self._eds_due = True
                 self.poke()
@@ -239,7 +246,9 @@ class ClientSession:
                 await source.key_event(keysym, down)
             case ev.QEMUKeyEvent(keysym=keysym, down=down) if self.can_write:
                 await source.key_event(keysym, down)
-            case ev.PointerEvent(x=x, y=y, buttons=buttons, scroll_x=sx, scroll_y=sy) if self.can_write:
+            case ev.PointerEvent(x=x, y=y, buttons=buttons, scroll_x=sx, scroll_y=sy) if (
+                self.can_write
+            ):
                 await source.pointer_event(x, y, buttons)
                 if sx or sy:
                     await source.scroll_event(x, y, sx, sy)
@@ -259,7 +268,9 @@ class ClientSession:
             case ev.SetDesktopSize(width=width, height=height) if self.can_write:
                 await self._on_set_desktop_size(width, height)
             case ev.SetDesktopSize():
-                self._eds_replies.append((DesktopSizeReason.THIS_CLIENT, DesktopSizeStatus.PROHIBITED))
+                self._eds_replies.append(
+                    (DesktopSizeReason.THIS_CLIENT, DesktopSizeStatus.PROHIBITED, None)
+                )
                 self.poke()
             case _:
                 pass  # input from read-only users and messages with nothing to do
@@ -268,32 +279,52 @@ class ClientSession:
         caps = self.conn.capabilities
         self.encoders.configure(caps)
         if PseudoEncoding.QEMU_EXTENDED_KEY_EVENT in caps.pseudo:
-            self._pseudo_due.append(writers.empty_pseudo_rect(PseudoEncoding.QEMU_EXTENDED_KEY_EVENT))
-        if PseudoEncoding.EXTENDED_MOUSE_BUTTONS in caps.pseudo and not self.conn.extended_mouse_buttons:
-            self._pseudo_due.append(writers.empty_pseudo_rect(PseudoEncoding.EXTENDED_MOUSE_BUTTONS))
+            self._pseudo_due.append(
+                writers.empty_pseudo_rect(PseudoEncoding.QEMU_EXTENDED_KEY_EVENT)
+            )
+        if (
+            PseudoEncoding.EXTENDED_MOUSE_BUTTONS in caps.pseudo
+            and not self.conn.extended_mouse_buttons
+        ):
+            self._pseudo_due.append(
+                writers.empty_pseudo_rect(PseudoEncoding.EXTENDED_MOUSE_BUTTONS)
+            )
         self.poke()
 
     async def _on_set_desktop_size(self, width: int, height: int) -> None:
         ok = 0 < width <= 16384 and 0 < height <= 16384
         done = ok and await self.context.source.set_size(width, height)
-        status = DesktopSizeStatus.OK if done else (
-            DesktopSizeStatus.PROHIBITED if ok else DesktopSizeStatus.INVALID_LAYOUT
+        status = (
+            DesktopSizeStatus.OK
+            if done
+            else (DesktopSizeStatus.PROHIBITED if ok else DesktopSizeStatus.INVALID_LAYOUT)
         )
-        self._eds_replies.append((DesktopSizeReason.THIS_CLIENT, status))
+        # A successful reply carries the new size, so it waits for the first
+        # frame of that size.
+        self._eds_replies.append(
+            (DesktopSizeReason.THIS_CLIENT, status, (width, height) if done else None)
+        )
         if done:
-            self.context.notify_resize_by(self)
+            self.context.notify_resize_by(self, (width, height))
         self.poke()
 
-    def resized_by_other(self) -> None:
-        self._eds_replies.append((DesktopSizeReason.OTHER_CLIENT, DesktopSizeStatus.OK))
+    def resized_by_other(self, size: tuple[int, int]) -> None:
+        self._eds_replies.append((DesktopSizeReason.OTHER_CLIENT, DesktopSizeStatus.OK, size))
         self.poke()
+
+    def _ready_replies(self, frame: Frame) -> list[tuple[DesktopSizeReason, DesktopSizeStatus]]:
+        ready = [(r, s) for r, s, size in self._eds_replies if size is None or size == frame.size]
+        self._eds_replies = [
+            e for e in self._eds_replies if not (e[2] is None or e[2] == frame.size)
+        ]
+        return ready
 
     # -- send -------------------------------------------------------------------------
 
     def _due(self, frame: Frame) -> bool:
         if self._control or self.conn.has_data_to_send():
             return True
-        if self._eds_replies:
+        if any(size is None or size == frame.size for _, _, size in self._eds_replies):
             return True
         if not (self._request_pending or self.conn.continuous_updates is not None):
             return False
@@ -322,12 +353,14 @@ class ClientSession:
         self._control = []
         sending_update = self._request_pending or self.conn.continuous_updates is not None
         if sending_update or self._eds_replies:
-            out += self._size_update(frame)
+            out += self._size_update(frame, self._ready_replies(frame))
         if sending_update:
             out += await self._framebuffer_update(frame)
         await self._write(out)
 
-    def _size_update(self, frame: Frame) -> list[bytes]:
+    def _size_update(
+        self, frame: Frame, replies: list[tuple[DesktopSizeReason, DesktopSizeStatus]]
+    ) -> list[bytes]:
         """An update with only size pseudo-rects, when one is due: desktop
         size changes and ExtendedDesktopSize replies carry no pixel data."""
         caps = self.conn.capabilities
@@ -335,14 +368,16 @@ class ClientSession:
         size_changed = frame.size != self._client_size
         if caps.extended_desktop_size:
             screens = [ev.Screen(0, 0, 0, frame.width, frame.height)]
-            for reason, status in self._eds_replies:
-                rects.append(writers.extended_desktop_size_rect(frame.width, frame.height, screens,
-                                                                reason, status))
-            if (size_changed and not self._eds_replies) or (self._eds_due and not rects):
+            for reason, status in replies:
+                rects.append(
+                    writers.extended_desktop_size_rect(
+                        frame.width, frame.height, screens, reason, status
+                    )
+                )
+            if (size_changed or self._eds_due) and not rects:
                 rects.append(writers.extended_desktop_size_rect(frame.width, frame.height, screens))
         elif size_changed and caps.desktop_size:
             rects.append(writers.desktop_size_rect(frame.width, frame.height))
-        self._eds_replies.clear()
         self._eds_due = False
         if frame.size != self._known_size:
             self._known_size = frame.size
@@ -350,8 +385,10 @@ class ClientSession:
                 self._client_size = frame.size
                 self._full_area = Rect(0, 0, *frame.size)
             else:
-                log.info("%s: desktop resized; this client cannot follow, so it sees a clipped part",
-                         self.peer)
+                log.info(
+                    "%s: desktop resized; this client cannot follow, so it sees a clipped part",
+                    self.peer,
+                )
         if not rects:
             return []
         return [writers.framebuffer_update_header(len(rects)), *rects]
@@ -401,13 +438,20 @@ class ClientSession:
         started = time.perf_counter()
         stats = EncodeStats.empty()
         encoded = await encode_rects(
-            self.encoders, self.context.cache, self.context.limiter, frame.version,
-            frame.pixels, rects, self.conn.pixel_format, stats,
+            self.encoders,
+            self.context.cache,
+            self.context.limiter,
+            frame.version,
+            frame.pixels,
+            rects,
+            self.conn.pixel_format,
+            stats,
         )
         encode_wall = time.perf_counter() - started
         for name, cpu in stats.cpu.items():
-            self.context.service.record_encoding(frame.version, name, cpu, stats.count[name],
-                                                 stats.area[name])
+            self.context.service.record_encoding(
+                frame.version, name, cpu, stats.count[name], stats.area[name]
+            )
         self.context.service.record_update_sent(frame.version, encode_wall)
         self._request_pending = False
         self._requested = Rect(0, 0, 0, 0)
@@ -464,13 +508,15 @@ class ClientSession:
             fence_id = next(self._fence_ids)
             self.stats.fences[fence_id] = (time.perf_counter(), self.stats.bytes_sent)
             payload = _FENCE_TAG + struct.pack(">I", fence_id)
-            self._control.append(writers.server_fence(FenceFlags.REQUEST | FenceFlags.BLOCK_BEFORE, payload))
+            self._control.append(
+                writers.server_fence(FenceFlags.REQUEST | FenceFlags.BLOCK_BEFORE, payload)
+            )
             self.poke()
 
     def _on_fence_reply(self, payload: bytes) -> None:
         if not payload.startswith(_FENCE_TAG) or len(payload) != len(_FENCE_TAG) + 4:
             return
-        (fence_id,) = struct.unpack(">I", payload[len(_FENCE_TAG):])
+        (fence_id,) = struct.unpack(">I", payload[len(_FENCE_TAG) :])
         sent = self.stats.fences.pop(fence_id, None)
         if sent is None:
             return

@@ -1,5 +1,6 @@
 """Deterministic test pictures and a PSNR helper, shared by tests, benchmarks
 and users' test suites."""
+
 from __future__ import annotations
 
 import numpy as np

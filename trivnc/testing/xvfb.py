@@ -1,6 +1,7 @@
 """Start a private Xvfb for tests: a free display number chosen by Xvfb itself
 (-displayfd), -noreset so the screen survives its last client, and a clean stop
 of exactly the process we started."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ class XvfbError(RuntimeError):
 class Xvfb:
     """`with Xvfb(1280, 800) as x: ... x.display ...`"""
 
-    def __init__(self, width: int = 1280, height: int = 800, depth: int = 24,
-                 *, timeout: float = 20.0) -> None:
+    def __init__(
+        self, width: int = 1280, height: int = 800, depth: int = 24, *, timeout: float = 20.0
+    ) -> None:
         self.width, self.height, self.depth = width, height, depth
         self.timeout = timeout
         self.display = ""
@@ -34,8 +36,17 @@ class Xvfb:
         read_fd, write_fd = os.pipe()
         try:
             self.process = subprocess.Popen(
-                [binary, "-displayfd", str(write_fd), "-screen", "0",
-                 f"{self.width}x{self.height}x{self.depth}", "-noreset", "-nolisten", "tcp"],
+                [
+                    binary,
+                    "-displayfd",
+                    str(write_fd),
+                    "-screen",
+                    "0",
+                    f"{self.width}x{self.height}x{self.depth}",
+                    "-noreset",
+                    "-nolisten",
+                    "tcp",
+                ],
                 pass_fds=(write_fd,),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -99,6 +110,10 @@ class Xvfb:
     def __enter__(self) -> Xvfb:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

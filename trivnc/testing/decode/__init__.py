@@ -1,8 +1,8 @@
 """Independent decoders for every encoding trivnc writes, used by the test
 client and by users' test suites. They decode into a BGRX framebuffer
 (height, width, 4) so that results compare directly with trivnc's frames."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 from ...geometry import Rect
 from ...rfb.constants import Encoding

@@ -56,6 +56,8 @@ def run_on_bytes(gen: Needs[T], data: bytes, *, exact: bool = True) -> T:
             n = gen.send(chunk)
     except StopIteration as stop:
         if exact and pos != len(data):
-            raise AssertionError(f"decoder left {len(data) - pos} of {len(data)} bytes unread")
+            raise AssertionError(
+                f"decoder left {len(data) - pos} of {len(data)} bytes unread"
+            ) from None
         result: T = stop.value
         return result
