@@ -5,7 +5,8 @@ viewers from this process (each asking for the next update as soon as it has
 the last one, Tight with JPEG quality 6, as TigerVNC's viewer does by default;
 they frame the stream without decoding pixels, so their CPU stays small), and
 reports delivered frames per second per viewer and the server's CPU seconds
-per delivered frame, read from /proc for the server's PID only. Run: python bench/viewers.py [--seconds 10] [--geometry 1920x1080]
+per delivered frame, read from /proc for the server's PID only.
+Run: python bench/viewers.py [--seconds 10] [--geometry 1920x1080]
 """
 
 from __future__ import annotations
