@@ -142,6 +142,11 @@ class TightSettings:
     png_mode: bool = False
     no_zlib: bool = False
     allow_gradient: bool = False
+    #: Every zlib rect starts its stream afresh (reset bit set), so each rect
+    #: decodes on its own and its bytes depend only on pixels, format and
+    #: settings: the server shares such rects between viewers. Costs some
+    #: compression (no dictionary carried between rects).
+    independent_rects: bool = False
 
     def __post_init__(self) -> None:
         if self.quality_level is not None and not 0 <= self.quality_level <= 9:
@@ -615,7 +620,7 @@ class TightEncoder:
         if _deflate_bound(n) > MAX_COMPACT_LENGTH:
             raise LocalProtocolError(f"{n} bytes of Tight data could overflow a compact length")
         bit = 1 << stream
-        if self._pending_reset & bit:
+        if self._pending_reset & bit or s.independent_rects:
             self._streams[stream] = self._new_stream(stream)
             self._pending_reset &= ~bit
             ctl |= bit

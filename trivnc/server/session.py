@@ -435,6 +435,8 @@ class ClientSession:
         if not rects and not pseudo:
             return []  # nothing in the area yet: the request stays pending
         self._pseudo_due = []
+        # With other viewers about, encode Tight so that they can share it.
+        self.encoders.set_shared_mode(len(self.context.sessions) > 1)
         started = time.perf_counter()
         stats = EncodeStats.empty()
         encoded = await encode_rects(
