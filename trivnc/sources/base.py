@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,33 @@ class Damage:
     full: bool = False
 
 
+@dataclass(frozen=True)
+class CursorImage:
+    """A pointer shape: RGBA, premultiplied alpha, (h, w, 4) uint8, and the
+    hot spot. `serial` changes whenever the shape does."""
+
+    rgba: Pixels
+    hotspot: tuple[int, int]
+    serial: int
+
+
+class SourceListener(Protocol):
+    """What a source tells the server besides pixels. Called on the trio
+    thread; the server implements it."""
+
+    def clipboard_changed(self, text: str) -> None:
+        """The desktop's clipboard now holds `text` (viewers get it)."""
+
+    def cursor_changed(self, cursor: CursorImage) -> None:
+        """The pointer shape changed."""
+
+    def bell(self) -> None:
+        """The desktop rang its bell."""
+
+    def source_ended(self, reason: str) -> None:
+        """The desktop went away (an X server exited): the server stops."""
+
+
 class Source(abc.ABC):
     """A desktop that trivnc shares.
 
@@ -33,6 +61,9 @@ class Source(abc.ABC):
 
     #: Name shown to viewers (ServerInit, DesktopName).
     name: str = "trivnc"
+    #: Set by the server before `run()`; sources that have a clipboard, a
+    #: cursor or a bell report them through it.
+    listener: SourceListener | None = None
 
     @property
     @abc.abstractmethod
