@@ -15,7 +15,7 @@ from ..config import Config
 from ..framebuffer.service import FramebufferService
 from ..rfb import events as ev
 from ..rfb.connection import SecurityConfig, ServerConnection
-from ..sources.base import Source
+from ..sources.base import CursorImage, Source
 from .encoding import EncodeCache
 from .session import ClientSession
 from .vncpasswd import read_vnc_password_file
@@ -34,6 +34,40 @@ class ServerContext:
     security: SecurityConfig
     cache: EncodeCache = field(default_factory=EncodeCache)
     sessions: set[ClientSession] = field(default_factory=set)
+    #: The desktop's clipboard text, as last reported by the source.
+    clipboard: str | None = None
+    cursor: CursorImage | None = None
+    #: Set when the source ends (an X server went away); the server stops.
+    ended: trio.Event = field(default_factory=trio.Event)
+    end_reason: str = ""
+
+    # -- SourceListener: what the desktop says besides pixels ---------------------------
+
+    def clipboard_changed(self, text: str) -> None:
+        if len(text) > self.config.clipboard_max_size:
+            log.info(
+                "desktop clipboard of %d characters not sent (limit %d)",
+                len(text),
+                self.config.clipboard_max_size,
+            )
+            return
+        self.clipboard = text
+        for session in self.sessions:
+            session.desktop_clipboard(text)
+
+    def cursor_changed(self, cursor: CursorImage) -> None:
+        self.cursor = cursor
+        for session in self.sessions:
+            session.desktop_cursor(cursor)
+
+    def bell(self) -> None:
+        for session in self.sessions:
+            session.desktop_bell()
+
+    def source_ended(self, reason: str) -> None:
+        log.warning("%s; stopping", reason)
+        self.end_reason = reason
+        self.ended.set()
 
     async def check_credentials(
         self, session: ClientSession, event: ev.CredentialsReceived
@@ -64,6 +98,7 @@ class ServerContext:
                 self.config.clipboard_max_size,
             )
             return
+        self.clipboard = text
         await self.source.clipboard_text(text)
 
 
@@ -123,8 +158,10 @@ async def serve(
     limiter = trio.CapacityLimiter(max(1, config.encode_threads))
     service = FramebufferService(source, max_frame_rate=config.max_frame_rate, limiter=limiter)
     context = ServerContext(config, source, service, limiter, security)
+    source.listener = context
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_when_source_ends, context, scope)
             await nursery.start(service.run)
             listeners: list[trio.SocketListener] = []
             if config.rfb_port is not None:
@@ -138,6 +175,11 @@ async def serve(
             if listeners:
                 nursery.start_soon(trio.serve_listeners, handle, listeners)
             task_status.started(Server(context, addresses, scope))
+
+
+async def _stop_when_source_ends(context: ServerContext, scope: trio.CancelScope) -> None:
+    await context.ended.wait()
+    scope.cancel()
 
 
 def _address(listener: trio.SocketListener) -> tuple[str, int]:

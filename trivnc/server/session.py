@@ -16,6 +16,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import trio
 
 from ..framebuffer.damage import TILE, TileMask, full_mask, mask_to_rects
@@ -23,14 +24,16 @@ from ..framebuffer.service import Frame
 from ..geometry import Rect
 from ..rfb import events as ev
 from ..rfb import writers
-from ..rfb.connection import NEED_DATA, ServerConnection, State
+from ..rfb.connection import NEED_DATA, Dialect, ServerConnection, State
 from ..rfb.constants import (
+    ClipboardFlags,
     DesktopSizeReason,
     DesktopSizeStatus,
     FenceFlags,
     PseudoEncoding,
 )
 from ..rfb.errors import ProtocolError
+from ..sources.base import CursorImage, Pixels
 from .encoding import EncodeStats, SessionEncoders, encode_rects
 
 if TYPE_CHECKING:
@@ -261,6 +264,11 @@ class ClientSession:
                     if mime.startswith("text/plain"):
                         await self.context.client_clipboard(self, data.decode("utf-8", "replace"))
                         break
+            case ev.ClipboardRequest(formats=formats) if formats & ClipboardFlags.TEXT:
+                text = self.context.clipboard
+                if text is not None:
+                    payload = writers.clipboard_text_payload(text)
+                    self._send_control(writers.clipboard_provide({ClipboardFlags.TEXT: payload}))
             case ev.EnableContinuousUpdates():
                 self.poke()
             case ev.ClientFence(flags=flags, payload=payload) if not flags & FenceFlags.REQUEST:
@@ -289,6 +297,8 @@ class ClientSession:
             self._pseudo_due.append(
                 writers.empty_pseudo_rect(PseudoEncoding.EXTENDED_MOUSE_BUTTONS)
             )
+        if self.context.cursor is not None:
+            self.desktop_cursor(self.context.cursor)
         self.poke()
 
     async def _on_set_desktop_size(self, width: int, height: int) -> None:
@@ -306,6 +316,43 @@ class ClientSession:
         )
         if done:
             self.context.notify_resize_by(self, (width, height))
+        self.poke()
+
+    def _send_control(self, data: bytes) -> None:
+        """Queue a message for the send task (the stream's only writer)."""
+        self._control.append(data)
+        self.poke()
+
+    def desktop_clipboard(self, text: str) -> None:
+        """The desktop's clipboard changed: tell this viewer the way it
+        understands (Kasm binary clipboard, an Extended Clipboard notify that
+        it answers with a request, or old-style Latin-1 cut text)."""
+        caps = self.conn.capabilities
+        if self.conn.dialect is Dialect.KASM:
+            self._send_control(writers.kasm_binary_clipboard([(0, "text/plain", text.encode())]))
+        elif caps.extended_clipboard:
+            self._send_control(writers.clipboard_notify(ClipboardFlags.TEXT))
+        else:
+            self._send_control(writers.server_cut_text(text))
+
+    def desktop_bell(self) -> None:
+        self._send_control(writers.bell())
+
+    def desktop_cursor(self, cursor: CursorImage) -> None:
+        """Queue the pointer shape for the next update, in the best form the
+        client announced: alpha cursor, else the classic cursor with a mask."""
+        caps = self.conn.capabilities
+        if caps.alpha_cursor:
+            rect = writers.alpha_cursor_rect(cursor.hotspot, cursor.rgba)
+        elif caps.cursor:
+            rect = writers.cursor_rect(
+                self.conn.pixel_format, cursor.hotspot, _unpremultiply(cursor.rgba)
+            )
+        else:
+            return
+        # Only the newest shape matters.
+        self._pseudo_due = [p for p in self._pseudo_due if not _is_cursor_rect(p)]
+        self._pseudo_due.append(rect)
         self.poke()
 
     def resized_by_other(self, size: tuple[int, int]) -> None:
@@ -531,6 +578,30 @@ class ClientSession:
     @property
     def state(self) -> State:
         return self.conn.state
+
+
+_CURSOR_ENCODINGS = {
+    struct.pack(">i", PseudoEncoding.CURSOR),
+    struct.pack(">i", PseudoEncoding.CURSOR_WITH_ALPHA),
+}
+
+
+def _is_cursor_rect(rect: bytes) -> bool:
+    return rect[8:12] in _CURSOR_ENCODINGS
+
+
+def _unpremultiply(rgba: Pixels) -> Pixels:
+    """Premultiplied RGBA -> straight BGRA (what the classic Cursor
+    pseudo-encoding's pixels and mask are built from)."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    safe = np.maximum(alpha, 1)
+    rgb = np.minimum(rgba[..., :3].astype(np.uint16) * 255 // safe, 255).astype(np.uint8)
+    out = np.empty_like(rgba)
+    out[..., 0] = rgb[..., 2]
+    out[..., 1] = rgb[..., 1]
+    out[..., 2] = rgb[..., 0]
+    out[..., 3] = rgba[..., 3]
+    return out
 
 
 def _contains(outer: Rect, inner: Rect) -> bool:
