@@ -38,19 +38,20 @@ def e2e(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff")
+    session.install("ruff==0.17.6")
     session.run("ruff", "check", "trivnc", "tests", "bench", "noxfile.py")
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[test]", "mypy")
+    session.install("-e", ".[test]", "mypy==2.4.1")
     session.run("mypy")
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Encoder throughput against the bare codec calls (see docs/performance.md)."""
+    """Encoder throughput against the bare codec calls, and one vs ten viewers
+    on the demo desktop (see docs/performance.md)."""
     _system_deps(session)
     session.install("-e", ".[test]")
     out = HERE / "bench" / "results"
