@@ -56,9 +56,8 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     out = HERE / "bench" / "results"
     out.mkdir(exist_ok=True)
-    session.run(
-        "python", "bench/encoders.py", "--json", str(out / "encoders.json"), *session.posargs
-    )
+    session.run("python", "bench/encoders.py", "--json", str(out / "encoders.json"))
+    session.run("python", "bench/viewers.py", "--json", str(out / "viewers.json"))
 
 
 @nox.session
