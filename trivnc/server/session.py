@@ -35,6 +35,7 @@ from ..rfb.constants import (
 from ..rfb.errors import ProtocolError
 from ..sources.base import CursorImage, Pixels
 from .encoding import EncodeStats, SessionEncoders, encode_rects
+from .measure import BottleneckTracker
 
 if TYPE_CHECKING:
     from .server import ServerContext
@@ -59,8 +60,9 @@ class SessionStats:
     last_update_version: int = 0
     rtt: float | None = None  # seconds, the latest fence round trip
     min_rtt: float | None = None
-    #: (send time, bytes_sent at that time) of fences in flight, by id.
-    fences: dict[int, tuple[float, int]] = field(default_factory=dict)
+    #: (send time, bytes_sent at that time, tracked frame version) of fences
+    #: in flight, by id.
+    fences: dict[int, tuple[float, int, int | None]] = field(default_factory=dict)
     #: (time acknowledged, bytes acknowledged) history, for bandwidth.
     acked: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32))
 
@@ -83,9 +85,22 @@ class ClientSession:
         peer: str,
         *,
         can_write: bool = True,
+        transport: str = "tcp",
     ) -> None:
         self.id = next(_session_ids)
         self.context = context
+        self.transport = transport
+        host = peer.rsplit(":", 1)[0].strip("[]")
+        #: KasmVNC's connection id shape: "ip_seconds.micros::websocket".
+        self.connection_id = f"{host}_{time.time():.6f}::{transport}"
+        self.bottleneck = BottleneckTracker(context.config.max_frame_rate)
+        #: Armed by the frame-stats API: time the next update's processing.
+        self.track_frame = False
+        #: Frame version -> seconds from sending its update to the client's
+        #: fence reply (the client processed it).
+        self.client_times: dict[int, float] = {}
+        self.client_time_event = trio.Event()
+        self._last_encode_wall = 0.0
         self.stream = stream
         self.conn = conn
         self.peer = peer
@@ -401,9 +416,17 @@ class ClientSession:
         sending_update = self._request_pending or self.conn.continuous_updates is not None
         if sending_update or self._eds_replies:
             out += self._size_update(frame, self._ready_replies(frame))
-        if sending_update:
-            out += await self._framebuffer_update(frame)
+        update = await self._framebuffer_update(frame) if sending_update else []
+        out += update
+        started = time.perf_counter()
         await self._write(out)
+        if update:
+            # The time blocked in writing is how long the link took to absorb
+            # the update: the network side of the bottleneck score.
+            self.bottleneck.frame(self._last_encode_wall, time.perf_counter() - started)
+            if self.track_frame and self.conn.capabilities.fence:
+                self.track_frame = False
+                self._send_fence(frame.version)
 
     def _size_update(
         self, frame: Frame, replies: list[tuple[DesktopSizeReason, DesktopSizeStatus]]
@@ -496,7 +519,7 @@ class ClientSession:
             self.conn.pixel_format,
             stats,
         )
-        encode_wall = time.perf_counter() - started
+        encode_wall = self._last_encode_wall = time.perf_counter() - started
         for name, cpu in stats.cpu.items():
             self.context.service.record_encoding(
                 frame.version, name, cpu, stats.count[name], stats.area[name]
@@ -554,13 +577,17 @@ class ClientSession:
             await trio.sleep(self.context.config.measure_interval)
             if not self.conn.capabilities.fence or len(self.stats.fences) > 8:
                 continue
-            fence_id = next(self._fence_ids)
-            self.stats.fences[fence_id] = (time.perf_counter(), self.stats.bytes_sent)
-            payload = _FENCE_TAG + struct.pack(">I", fence_id)
-            self._control.append(
-                writers.server_fence(FenceFlags.REQUEST | FenceFlags.BLOCK_BEFORE, payload)
-            )
-            self.poke()
+            self._send_fence(None)
+
+    def _send_fence(self, version: int | None) -> None:
+        """A fence request with BlockBefore; `version` marks the one sent right
+        after a tracked frame's update."""
+        fence_id = next(self._fence_ids)
+        self.stats.fences[fence_id] = (time.perf_counter(), self.stats.bytes_sent, version)
+        payload = _FENCE_TAG + struct.pack(">I", fence_id)
+        self._send_control(
+            writers.server_fence(FenceFlags.REQUEST | FenceFlags.BLOCK_BEFORE, payload)
+        )
 
     def _on_fence_reply(self, payload: bytes) -> None:
         if not payload.startswith(_FENCE_TAG) or len(payload) != len(_FENCE_TAG) + 4:
@@ -574,6 +601,18 @@ class ClientSession:
         self.stats.rtt = rtt
         self.stats.min_rtt = rtt if self.stats.min_rtt is None else min(self.stats.min_rtt, rtt)
         self.stats.acked.append((now, sent[1]))
+        if sent[2] is not None:
+            self.client_times[sent[2]] = rtt
+            while len(self.client_times) > 64:
+                del self.client_times[next(iter(self.client_times))]
+            self.client_time_event.set()
+            self.client_time_event = trio.Event()
+
+    def request_full_frame(self) -> None:
+        """The API's send_full_frame: the whole screen at the next update."""
+        if self._client_size is not None:
+            self._full_area = Rect(0, 0, *self._client_size)
+            self.poke()
 
     @property
     def state(self) -> State:
