@@ -4,6 +4,7 @@
 # serves a TCP viewer.
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 import trio
@@ -55,8 +56,6 @@ class WebSocketStream(trio.abc.Stream):
         if self._closed:
             return
         self._closed = True
-        try:
+        with suppress(Exception):  # already closed by the peer or the server
             await self._ws.close(1000)
-        except Exception:  # already closed by the peer or the server
-            pass
         await trio.lowlevel.checkpoint()

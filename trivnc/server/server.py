@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..api.backend import ApiUser
 from ..config import Config
 from ..framebuffer.service import FramebufferService
 from ..rfb import events as ev
@@ -77,6 +78,30 @@ class ServerContext:
 
     async def start_tls(self, stream: trio.abc.Stream) -> trio.abc.Stream:
         raise trio.BrokenResourceError("TLS is not configured")
+
+    async def run_session(
+        self,
+        stream: trio.abc.Stream,
+        conn: ServerConnection,
+        peer: str,
+        *,
+        user: ApiUser | None = None,
+        transport: str = "tcp",
+    ) -> None:
+        """Serve one client connection until it ends. `user` is set when the
+        transport already authenticated it (HTTP Basic on the web port)."""
+        log.info("%s: connection opened (%s)", peer, transport)
+        session = ClientSession(
+            self,
+            stream,
+            conn,
+            peer,
+            transport=transport,
+            can_write=True if user is None else user.write,
+        )
+        if user is not None:
+            session.username = user.name
+        await session.run()
 
     def disconnect_others(self, keep: ClientSession) -> None:
         """A non-shared ClientInit: everyone else goes (RFC 6143 section 7.3.1)."""
@@ -194,6 +219,5 @@ async def _serve_connection(context: ServerContext, stream: trio.SocketStream) -
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     except OSError:
         peer = "unknown"
-    log.info("%s: connection opened", peer)
     conn = ServerConnection(context.security, clipboard_max_size=context.config.clipboard_max_size)
-    await ClientSession(context, stream, conn, peer).run()
+    await context.run_session(stream, conn, peer)

@@ -105,6 +105,8 @@ class ClientSession:
         self.conn = conn
         self.peer = peer
         self.can_write = can_write
+        #: Read permission; losing it (the API demoted the user) ends the session.
+        self.can_read = True
         self.username: str | None = None
         self.stats = SessionStats()
         self.encoders = SessionEncoders()
@@ -204,7 +206,8 @@ class ClientSession:
                     self.conn.receive_data(data)
                     continue
                 if isinstance(event, ev.AuthenticationSucceeded):
-                    self.username = event.username
+                    if event.username is not None:
+                        self.username = event.username
                 elif isinstance(event, ev.CredentialsReceived):
                     await self.context.check_credentials(self, event)
                 elif isinstance(event, ev.StartTLS):
