@@ -320,3 +320,21 @@ async def test_tight_jpeg_rects_are_shared(server: Server) -> None:
         hits = server.context.cache.hits
         await b.screenshot()
     assert server.context.cache.hits > hits
+
+
+async def test_a_viewer_that_leaves_releases_what_it_held(
+    server: Server, source: ArraySource
+) -> None:
+    from trivnc.sources.array import KeyInput, PointerInput
+
+    events = source.input_events()
+    async with client(server) as c:
+        await c.screenshot()
+        await c.key(0xFFE1, True)  # Shift_L down
+        await c.pointer(5, 6, 1)  # button 1 down
+        await c.screenshot()  # the server has read both
+    seen = []
+    with trio.move_on_after(2):
+        while len(seen) < 4:
+            seen.append(await events.receive())
+    assert seen[-2:] == [KeyInput(0xFFE1, False), PointerInput(5, 6, 0)]

@@ -136,6 +136,9 @@ class ClientSession:
         self._fence_ids = itertools.count(1)
         self._unsubscribe: Callable[[], None] | None = None
         self._failed_in_handshake = False
+        #: Input this viewer holds, released when it leaves (no stuck keys).
+        self._keys_down: set[int] = set()
+        self._pointer = (0, 0, 0)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -158,6 +161,8 @@ class ClientSession:
             if self._unsubscribe is not None:
                 self._unsubscribe()
             self.context.sessions.discard(self)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self._release_input()
             await self._flush_quietly()
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.stream.aclose()
@@ -166,6 +171,17 @@ class ClientSession:
     async def _guarded(self, task: Callable[[], Awaitable[None]]) -> None:
         with _ends_connection(self):
             await task()
+
+    async def _release_input(self) -> None:
+        """Release the keys and buttons this viewer left pressed."""
+        source = self.context.source
+        for keysym in sorted(self._keys_down):
+            await source.key_event(keysym, False)
+        self._keys_down.clear()
+        x, y, buttons = self._pointer
+        if buttons:
+            await source.pointer_event(x, y, 0)
+            self._pointer = (x, y, 0)
 
     def close(self, reason: str) -> None:
         self.close_reason = reason
@@ -263,13 +279,18 @@ class ClientSession:
             case ev.SetPixelFormat():
                 self.encoders.pixel_format_changed()
                 self._full_area = Rect(0, 0, *self._client_size) if self._client_size else None
-            case ev.KeyEvent(keysym=keysym, down=down) if self.can_write:
-                await source.key_event(keysym, down)
-            case ev.QEMUKeyEvent(keysym=keysym, down=down) if self.can_write:
+            case (
+                ev.KeyEvent(keysym=keysym, down=down) | ev.QEMUKeyEvent(keysym=keysym, down=down)
+            ) if self.can_write:
+                if down:
+                    self._keys_down.add(keysym)
+                else:
+                    self._keys_down.discard(keysym)
                 await source.key_event(keysym, down)
             case ev.PointerEvent(x=x, y=y, buttons=buttons, scroll_x=sx, scroll_y=sy) if (
                 self.can_write
             ):
+                self._pointer = (x, y, buttons)
                 await source.pointer_event(x, y, buttons)
                 if sx or sy:
                     await source.scroll_event(x, y, sx, sy)
