@@ -52,6 +52,8 @@ def start_server(geometry: str) -> tuple[subprocess.Popen[str], int]:
             "--insecure-no-auth",
             "--rfb-port",
             "0",
+            "--web-port",
+            "off",
         ],
         stdout=subprocess.PIPE,
         text=True,

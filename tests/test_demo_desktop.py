@@ -56,6 +56,8 @@ async def test_the_trivnc_command_serves_the_demo() -> None:
             "--insecure-no-auth",
             "--rfb-port",
             "0",
+            "--web-port",
+            "off",
             "--geometry",
             "640x360",
         ],

@@ -283,13 +283,16 @@ async def test_vnc_authentication_with_a_vncpasswd_file(
             pass
 
 
-def test_config_refusals() -> None:
+def test_config_refusals(capsys: pytest.CaptureFixture[str]) -> None:
     from trivnc.cli import main
 
-    assert main(["--rfb-port", "0"]) == 2  # no authentication configured
     assert main(["--insecure-no-auth", "--listen", "0.0.0.0"]) == 2
-    assert main(["--display", ":1", "--insecure-no-auth"]) == 2
-    assert main(["--web-port", "8443", "--insecure-no-auth"]) == 2
+    assert "not a loopback address" in capsys.readouterr().err
+    assert main(["--rfb-port", "off", "--web-port", "off"]) == 2
+    assert main(["--insecure-no-auth", "--", "xterm"]) == 2  # a command needs --xvfb
+    assert main(["--cert", "c.pem", "--insecure-no-auth"]) == 2
+    with pytest.raises(SystemExit):
+        main(["--display", ":1", "--xvfb", "100x100"])
 
 
 @pytest.mark.parametrize(
@@ -333,7 +336,7 @@ async def test_a_viewer_that_leaves_releases_what_it_held(
         await c.key(0xFFE1, True)  # Shift_L down
         await c.pointer(5, 6, 1)  # button 1 down
         await c.screenshot()  # the server has read both
-    seen = []
+    seen: list[object] = []
     with trio.move_on_after(2):
         while len(seen) < 4:
             seen.append(await events.receive())

@@ -7,11 +7,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .config import Config, ConfigError, load_config_file, parse_port, parse_size
+
+if TYPE_CHECKING:
+    from .server import Server
+
+DEFAULT_WEB_PORT = 8443
 
 log = logging.getLogger("trivnc")
 
@@ -27,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--display", metavar=":N", help="share a running X display (not available yet)"
     )
     src.add_argument(
-        "--xvfb", metavar="WxH", help="start a private Xvfb of this size (not available yet)"
+        "--xvfb",
+        metavar="WxH",
+        help="start a private Xvfb of this size; a command after -- runs in it, and the "
+        "session ends when it exits",
     )
     src.add_argument(
         "--geometry", metavar="WxH", help="size of the demo desktop (default 1280x720)"
@@ -40,9 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rfb-port", metavar="N|off", help="VNC (RFB) port (default 5900)")
     p.add_argument(
-        "--web-port", metavar="N|off", help="HTTPS port (not available yet; 'off' accepted)"
+        "--web-port",
+        metavar="N|off",
+        help="HTTPS port for the browser client and the developer API (default 8443)",
     )
-    p.add_argument("--users", metavar="FILE", help="users file (not available yet)")
+    p.add_argument(
+        "--users",
+        metavar="FILE",
+        help="users file in KasmVNC's format (default ~/.kasmpasswd, created on first run)",
+    )
+    p.add_argument("--web-root", metavar="DIR", help="where noVNC is (default: found)")
     p.add_argument(
         "--rfbauth",
         metavar="FILE",
@@ -68,14 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    values: dict[str, Any] = {}
+def config_from_args(args: argparse.Namespace, command: list[str] | None = None) -> Config:
+    # The command line's own defaults: the web port is on (a library user
+    # opts in through Config).
+    values: dict[str, Any] = {"web_port": DEFAULT_WEB_PORT}
     if args.config:
         values.update(load_config_file(Path(args.config)))
     if args.display:
         values["display"] = args.display
     if args.xvfb:
         values["xvfb"] = parse_size(args.xvfb)
+    if command:
+        if not args.xvfb:
+            raise ConfigError("a command after -- needs --xvfb")
+        values["xvfb_command"] = command
     if args.geometry:
         values["geometry"] = parse_size(args.geometry)
     if args.listen:
@@ -98,6 +119,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         values["max_frame_rate"] = args.max_frame_rate
     if args.desktop_name:
         values["desktop_name"] = args.desktop_name
+    if args.web_root:
+        values["web_root"] = Path(args.web_root)
     config = Config(**values)
     config.validate()
     return config
@@ -107,10 +130,25 @@ async def _run(config: Config) -> None:
     from .server import serve
 
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(serve, config)
-        what = "the demo desktop" if config.source is None else "the desktop"
+        server: Server = await nursery.start(serve, config)
+        if config.display:
+            what = f"X display {config.display}"
+        elif config.xvfb:
+            what = f"a private Xvfb ({server.source.name})"
+        else:
+            what = "the demo desktop"
         w, h = server.service.latest.size if server.service.latest else config.geometry
         print(f"trivnc: serving {what} ({w}x{h})", flush=True)
+        if server.initial_credentials is not None:
+            path, name, password = server.initial_credentials
+            print(
+                f"trivnc: created {path} with user {name!r}, password {password!r}"
+                " (shown once; change it with `trivnc passwd`)",
+                flush=True,
+            )
+        for host, port in server.web_addresses:
+            shown = f"[{host}]" if ":" in host else host
+            print(f"trivnc: browsers open https://{shown}:{port}/", flush=True)
         for host, port in server.rfb_addresses:
             shown = f"[{host}]" if ":" in host else host
             print(
@@ -120,9 +158,20 @@ async def _run(config: Config) -> None:
         if config.insecure_no_auth:
             print("trivnc: no authentication on the RFB port (loopback only)", flush=True)
         print("trivnc: press Ctrl+C to stop", flush=True)
+    if server.end_reason:
+        print(f"trivnc: {server.end_reason}; stopped", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["passwd"]:
+        from .passwd import main as passwd_main
+
+        return passwd_main(argv[1:])
+    command: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -130,15 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, command)
     except ConfigError as exc:
         print(f"trivnc: {exc}", file=sys.stderr)
         return 2
+    expected = _expected_errors()
     try:
         trio.run(_run, config)
     except KeyboardInterrupt:
         print("trivnc: stopped", file=sys.stderr)
-    except OSError as exc:
+    except expected as exc:
         print(f"trivnc: {exc}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
@@ -146,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if group.subgroup(KeyboardInterrupt) is not None:
             print("trivnc: stopped", file=sys.stderr)
             return 0
-        errors = group.subgroup(OSError)
+        errors = group.subgroup(expected)
         if errors is None:
             raise
         print(f"trivnc: {_first_leaf(errors)}", file=sys.stderr)
@@ -154,7 +204,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _first_leaf(group: BaseExceptionGroup[OSError]) -> BaseException:
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """Failures a user can cause and fix (a port in use, a display that is
+    not there, a malformed users file): a message, not a traceback."""
+    from .server.users import UserStoreError
+    from .sources.x11 import CaptureError, DisplayGone, XvfbError
+
+    return (OSError, ConfigError, UserStoreError, DisplayGone, CaptureError, XvfbError)
+
+
+def _first_leaf(group: BaseExceptionGroup[Exception]) -> BaseException:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]

@@ -52,45 +52,55 @@ class Config:
     clipboard_max_size: int = 1024 * 1024
     #: Worker threads for capture and encoding (default: one per core).
     encode_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
-    #: Later issues: X11 display, Xvfb, users file, TLS certificate.
+    #: Share a running X display (":1"), or start a private Xvfb of this size
+    #: running `xvfb_command` (both need `source` left as None).
     display: str | None = None
     xvfb: tuple[int, int] | None = None
+    xvfb_command: list[str] = field(default_factory=list)
+    #: KasmVNC-format users file (default ~/.kasmpasswd); created with an owner
+    #: and a random password on first use.
     users_file: Path | None = None
+    #: TLS certificate and key (PEM); a self-signed pair is made and kept in
+    #: trivnc's state directory when not given.
     cert: Path | None = None
     key: Path | None = None
+    #: Where the noVNC web client is (default: Debian's or npm's install).
+    web_root: Path | None = None
 
     def validate(self) -> None:
         """Raise ConfigError for a configuration that cannot start."""
-        if self.display is not None or self.xvfb is not None:
-            raise ConfigError("--display and --xvfb are not available yet in this version")
-        if self.web_port is not None:
-            raise ConfigError("the web port (--web-port) is not available yet; use --web-port off")
-        if self.users_file is not None:
-            raise ConfigError("users files (--users) are not available yet in this version")
+        if self.display is not None and self.xvfb is not None:
+            raise ConfigError("give either --display or --xvfb, not both")
+        if (self.display is not None or self.xvfb is not None) and self.source is not None:
+            raise ConfigError("a Source and --display/--xvfb exclude each other")
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("--cert and --key go together")
+        if self.rfb_port is None and self.web_port is None:
+            raise ConfigError("both ports are off: nothing to serve")
         if not 0 < self.max_frame_rate <= 240:
             raise ConfigError("max_frame_rate must be between 0 and 240")
         w, h = self.geometry
         if not (16 <= w <= 16384 and 16 <= h <= 16384):
             raise ConfigError(f"geometry {w}x{h} out of range (16..16384)")
-        if self.rfb_port is not None:
-            if self.insecure_no_auth and not self.allow_remote_no_auth:
-                remote = [a for a in self.listen if not is_loopback(a)]
-                if remote:
-                    raise ConfigError(
-                        f"--insecure-no-auth refused: {', '.join(remote)} is not a loopback "
-                        "address, and anyone who reaches it would control the desktop"
-                    )
-            if not self.insecure_no_auth and not self.has_vnc_password:
+        if self.rfb_port is not None and self.insecure_no_auth and not self.allow_remote_no_auth:
+            remote = [a for a in self.listen if not is_loopback(a)]
+            if remote:
                 raise ConfigError(
-                    "the RFB port needs authentication, and none is configured: VeNCrypt "
-                    "with a users file is not available yet in this version. Use --rfbauth "
-                    "FILE (a vncpasswd file) for VNC authentication, or --insecure-no-auth "
-                    "on a loopback address"
+                    f"--insecure-no-auth refused: {', '.join(remote)} is not a loopback "
+                    "address, and anyone who reaches it would control the desktop"
                 )
 
     @property
     def has_vnc_password(self) -> bool:
         return self.vnc_password is not None or self.vnc_password_file is not None
+
+    @property
+    def needs_users(self) -> bool:
+        """The web port always authenticates users; the RFB port does through
+        VeNCrypt unless it runs without authentication or with a VNC password."""
+        if self.web_port is not None or self.users_file is not None:
+            return True
+        return self.rfb_port is not None and not self.insecure_no_auth and not self.has_vnc_password
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -129,6 +139,7 @@ _FILE_KEYS: dict[str, Any] = {
     "users": Path,
     "cert": Path,
     "key": Path,
+    "web_root": Path,
 }
 _RENAMED = {"rfbauth": "vnc_password_file", "users": "users_file"}
 

@@ -1,4 +1,5 @@
 """The web side: the developer API blueprint, RFB over WebSocket, the page."""
+
 from __future__ import annotations
 
 from .backend import ApiBackend as ApiBackend

@@ -167,11 +167,11 @@ async def serve_web(
     config.keyfile = os.fspath(key)
     config.websocket_max_message_size = 1 << 24
     config.accesslog = None
-    config.errorlog = logging.getLogger("trivnc.web.hypercorn")  # type: ignore[assignment]
+    config.errorlog = logging.getLogger("trivnc.web.hypercorn")
     config.graceful_timeout = 1.0
 
     async def run(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        await hypercorn_serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+        await hypercorn_serve(app, config, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(run)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import imagecodecs
@@ -12,7 +14,7 @@ from imagecodecs import JPEG8
 
 from ..rfb.constants import JPEG_QUALITY_TABLE, Subsampling
 from ..server.ratelimit import LoginRateLimiter
-from ..server.users import UserStore
+from ..server.users import User, UserStore, UserStoreError
 from .backend import ApiError, ApiSession, ApiUser
 
 if TYPE_CHECKING:
@@ -95,8 +97,8 @@ class ServerBackend:
             for session in selected:
                 while not any(v >= version for v in session.client_times):
                     await session.client_time_event.wait()
-        result = timing.as_dict()
-        client_side = []
+        result: dict[str, Any] = timing.as_dict()
+        client_side: list[dict[str, Any]] = []
         for session in selected:
             times = [t for v, t in session.client_times.items() if v >= version]
             rtt = session.stats.min_rtt
@@ -137,7 +139,7 @@ class ServerBackend:
 
         def encode() -> bytes:
             pixels = frame.pixels if (w, h) == (fw, fh) else _resize(frame.pixels, w, h)
-            data: bytes = imagecodecs.jpeg8_encode(
+            data = imagecodecs.jpeg8_encode(
                 np.ascontiguousarray(pixels),
                 level=jpeg_quality,
                 subsampling=_SUBSAMPLING.get(subsampling, "420"),
@@ -156,8 +158,12 @@ class ServerBackend:
     # -- users --------------------------------------------------------------------------
 
     def get_users(self) -> list[ApiUser]:
+        """The flags as stored (KasmVNC's get_users lists the file's letters)."""
         self.users.reload_if_changed()
-        return [_api_user(u) for u in self.users.users()]
+        return [
+            ApiUser(u.name, u.permissions.read, u.permissions.write, u.permissions.owner)
+            for u in self.users.users()
+        ]
 
     def create_user(
         self, name: str, password: str, *, read: bool, write: bool, owner: bool, replace: bool
@@ -191,25 +197,22 @@ class ServerBackend:
         return sorted(self.context.sessions, key=lambda s: s.id)
 
 
-class _as_api_error:  # used as a context manager, so named like one
-    """User store refusals (ValueError, KeyError) become 400s."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> bool:
-        if isinstance(exc, KeyError):
-            raise ApiError(400, f"no such user: {exc.args[0] if exc.args else ''}") from None
-        if isinstance(exc, ValueError):
-            raise ApiError(400, str(exc)) from None
-        return False
+@contextmanager
+def _as_api_error() -> Iterator[None]:
+    """User store refusals (bad name or password, unknown or existing user)
+    become 400s with the store's message."""
+    try:
+        yield
+    except UserStoreError as exc:
+        raise ApiError(400, str(exc)) from None
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
-def _api_user(user: Any) -> ApiUser:
+def _api_user(user: User) -> ApiUser:
+    """What the user may do (write implies read, as in KasmVNC)."""
     p = user.permissions
-    return ApiUser(user.name, bool(p.read), bool(p.write), bool(p.owner))
+    return ApiUser(user.name, p.can_view, p.can_input, p.can_manage)
 
 
 def _encoded_after(context: ServerContext, version: int) -> Any:

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -16,9 +20,13 @@ from ..config import Config
 from ..framebuffer.service import FramebufferService
 from ..rfb import events as ev
 from ..rfb.connection import SecurityConfig, ServerConnection
+from ..rfb.constants import VeNCryptSubtype
 from ..sources.base import CursorImage, Source
+from ..tlsconfig import ensure_self_signed, server_ssl_context, state_dir
 from .encoding import EncodeCache
+from .ratelimit import LoginRateLimiter
 from .session import ClientSession
+from .users import UserStore, create_initial, default_users_path
 from .vncpasswd import read_vnc_password_file
 
 log = logging.getLogger("trivnc")
@@ -41,6 +49,9 @@ class ServerContext:
     #: Set when the source ends (an X server went away); the server stops.
     ended: trio.Event = field(default_factory=trio.Event)
     end_reason: str = ""
+    users: UserStore | None = None
+    ssl_context: ssl.SSLContext | None = None
+    login_limiter: LoginRateLimiter = field(default_factory=LoginRateLimiter)
 
     # -- SourceListener: what the desktop says besides pixels ---------------------------
 
@@ -73,11 +84,46 @@ class ServerContext:
     async def check_credentials(
         self, session: ClientSession, event: ev.CredentialsReceived
     ) -> None:
-        # VeNCrypt users arrive with the users file; until then nobody passes.
-        session.conn.reject_credentials("no users are configured")
+        """VeNCrypt Plain: the users file decides, with the web port's rate
+        limit per address."""
+        host = session.peer.rsplit(":", 1)[0]
+        if self.users is None:
+            session.conn.reject_credentials("no users are configured")
+            return
+        if self.login_limiter.blocked(host) > 0:
+            session.conn.reject_credentials("too many failed logins; try later")
+            return
+        store = self.users
+        user = await trio.to_thread.run_sync(store.verify, event.username, event.password)
+        if user is None:
+            self.login_limiter.failure(host)
+            session.conn.reject_credentials("wrong user name or password")
+            return
+        self.login_limiter.success(host)
+        if not user.permissions.can_view:
+            session.conn.reject_credentials("this user may not view the desktop")
+            return
+        session.can_write = user.permissions.can_input
+        session.conn.accept_credentials()
 
     async def start_tls(self, stream: trio.abc.Stream) -> trio.abc.Stream:
-        raise trio.BrokenResourceError("TLS is not configured")
+        if self.ssl_context is None:
+            raise trio.BrokenResourceError("TLS is not configured")
+        tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+        await tls.do_handshake()
+        return tls
+
+    def user_changed(self, name: str) -> None:
+        """A user was changed through the API or the file: open connections
+        of that user lose what they may no longer do, at once."""
+        user = self.users.get(name) if self.users is not None else None
+        for session in list(self.sessions):
+            if session.username != name:
+                continue
+            if user is None or not user.permissions.can_view:
+                session.close(f"user {name!r} was removed or lost read permission")
+            else:
+                session.can_write = user.permissions.can_input
 
     async def run_session(
         self,
@@ -135,6 +181,11 @@ class Server:
     #: (host, port) of every RFB listener.
     rfb_addresses: list[tuple[str, int]]
     cancel_scope: trio.CancelScope
+    #: (host, port) of the HTTPS listeners (page, WebSocket, developer API).
+    web_addresses: list[tuple[str, int]] = field(default_factory=list)
+    #: (users file, name, password) when this start created the users file.
+    initial_credentials: tuple[Path, str, str] | None = None
+    cert: Path | None = None
 
     @property
     def service(self) -> FramebufferService:
@@ -152,58 +203,144 @@ class Server:
     def rfb_port(self) -> int:
         return self.rfb_addresses[0][1]
 
+    @property
+    def web_port(self) -> int:
+        return self.web_addresses[0][1]
+
+    @property
+    def end_reason(self) -> str:
+        return self.context.end_reason
+
     def stop(self) -> None:
         self.cancel_scope.cancel()
 
 
-def security_for(config: Config) -> SecurityConfig:
+def security_for(config: Config, users: UserStore | None) -> SecurityConfig:
     password = config.vnc_password
     if password is None and config.vnc_password_file is not None:
         password = read_vnc_password_file(config.vnc_password_file)
-    return SecurityConfig(allow_none=config.insecure_no_auth, vnc_password=password)
-
-
-def _make_source(config: Config) -> Source:
-    if config.source is not None:
-        return config.source
-    from ..sources.demo import DemoSource
-
-    return DemoSource(*config.geometry)
+    # VeNCrypt with a certificate (X509Plain): TLSPlain would need anonymous
+    # TLS, which trivnc does not offer.
+    vencrypt = (VeNCryptSubtype.X509_PLAIN,) if users is not None else ()
+    return SecurityConfig(
+        allow_none=config.insecure_no_auth, vnc_password=password, vencrypt_subtypes=vencrypt
+    )
 
 
 async def serve(
     config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run a trivnc server until cancelled. Reports a `Server` when listening."""
+    """Run a trivnc server until cancelled (or until its desktop ends).
+    Reports a `Server` once every port listens."""
     config.validate()
-    security = security_for(config)
-    source = _make_source(config)
-    if config.desktop_name:
-        source.name = config.desktop_name
+    users, created = _open_users(config)
+    cert = key = None
+    ssl_context = None
+    if users is not None or config.web_port is not None:
+        cert, key = (
+            (config.cert, config.key)
+            if config.cert and config.key
+            else (ensure_self_signed(state_dir()))
+        )
+        ssl_context = server_ssl_context(cert, key)
+    security = security_for(config, users)
     limiter = trio.CapacityLimiter(max(1, config.encode_threads))
-    service = FramebufferService(source, max_frame_rate=config.max_frame_rate, limiter=limiter)
-    context = ServerContext(config, source, service, limiter, security)
-    source.listener = context
-    with trio.CancelScope() as scope:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_when_source_ends, context, scope)
-            await nursery.start(service.run)
-            listeners: list[trio.SocketListener] = []
-            if config.rfb_port is not None:
-                for host in config.listen:
-                    listeners += await trio.open_tcp_listeners(config.rfb_port, host=host)
-            addresses = [_address(listener) for listener in listeners]
+    async with _desktop(config) as (source, session_over):
+        if config.desktop_name:
+            source.name = config.desktop_name
+        service = FramebufferService(source, max_frame_rate=config.max_frame_rate, limiter=limiter)
+        context = ServerContext(
+            config, source, service, limiter, security, users=users, ssl_context=ssl_context
+        )
+        source.listener = context
+        if users is not None:
+            users.changed.append(context.user_changed)
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_when_source_ends, context, scope, session_over)
+                await nursery.start(service.run)
+                listeners: list[trio.SocketListener] = []
+                if config.rfb_port is not None:
+                    for host in config.listen:
+                        listeners += await trio.open_tcp_listeners(config.rfb_port, host=host)
+                addresses = [_address(listener) for listener in listeners]
 
-            async def handle(stream: trio.SocketStream) -> None:
-                await _serve_connection(context, stream)
+                async def handle(stream: trio.SocketStream) -> None:
+                    await _serve_connection(context, stream)
 
-            if listeners:
-                nursery.start_soon(trio.serve_listeners, handle, listeners)
-            task_status.started(Server(context, addresses, scope))
+                if listeners:
+                    nursery.start_soon(trio.serve_listeners, handle, listeners)
+                web: list[tuple[str, int]] = []
+                if config.web_port is not None and users is not None:
+                    assert cert is not None and key is not None
+                    from ..api.app import create_app, serve_web
+                    from ..api.server_backend import ServerBackend
+
+                    backend = ServerBackend(context, users, context.login_limiter)
+                    app = create_app(context, backend, config.web_root)
+                    web = await nursery.start(
+                        serve_web, app, config.listen, config.web_port, cert, key
+                    )
+                task_status.started(Server(context, addresses, scope, web, created, cert))
 
 
-async def _stop_when_source_ends(context: ServerContext, scope: trio.CancelScope) -> None:
-    await context.ended.wait()
+def _open_users(config: Config) -> tuple[UserStore | None, tuple[Path, str, str] | None]:
+    if not config.needs_users:
+        return None, None
+    path = config.users_file or default_users_path()
+    if not path.exists():
+        store, name, password = create_initial(path)
+        log.warning("created users file %s with owner %r (password printed once)", path, name)
+        return store, (path, name, password)
+    return UserStore(path), None
+
+
+@asynccontextmanager
+async def _desktop(config: Config) -> AsyncIterator[tuple[Source, trio.Event | None]]:
+    """The configured source: the application's, an X display, a private
+    Xvfb (started here, stopped on exit), or the demo desktop; with the event
+    that ends the session, if the desktop has one."""
+    if config.source is not None:
+        yield config.source, None
+    elif config.display is not None:
+        from ..sources.x11 import X11Source
+
+        yield X11Source(config.display, clipboard_max_size=config.clipboard_max_size), None
+    elif config.xvfb is not None:
+        from ..sources.x11 import X11Source
+        from ..sources.x11.xvfb import XvfbDesktop
+
+        async with XvfbDesktop(*config.xvfb, command=config.xvfb_command or None) as desktop:
+            # The session ends with the command (or Xvfb): serving stops then.
+            yield (
+                X11Source(desktop.display, clipboard_max_size=config.clipboard_max_size),
+                desktop.ended,
+            )
+    else:
+        from ..sources.demo import DemoSource
+
+        yield DemoSource(*config.geometry), None
+
+
+async def _stop_when_source_ends(
+    context: ServerContext, scope: trio.CancelScope, ended_by: trio.Event | None
+) -> None:
+    if ended_by is None:
+        await context.ended.wait()
+    else:
+        async with trio.open_nursery() as race:
+
+            async def desktop_session_over() -> None:
+                await ended_by.wait()
+                context.end_reason = context.end_reason or "the Xvfb session ended"
+                race.cancel_scope.cancel()
+
+            async def source_over() -> None:
+                await context.ended.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(desktop_session_over)
+            race.start_soon(source_over)
     scope.cancel()
 
 

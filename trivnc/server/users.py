@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
@@ -50,6 +51,8 @@ __all__ = [
     "validate_password",
     "verify_sha256_crypt",
 ]
+
+log = logging.getLogger("trivnc.users")
 
 # -- SHA-256-crypt ---------------------------------------------------------------------
 
@@ -230,7 +233,7 @@ class InvalidUserError(UserStoreError, ValueError):
     """A name or password that the users file cannot hold or that is too weak."""
 
 
-class UserExistsError(UserStoreError):
+class UserExistsError(UserStoreError, ValueError):
     pass
 
 
@@ -415,6 +418,8 @@ class UserStore:
         self._lock = threading.Lock()
         self._users: Mapping[str, User] = {}
         self._signature: _FileSignature | None = None
+        # The malformed version last warned about, so it is logged once.
+        self._rejected: _FileSignature | None = None
         # Unknown names are checked against this so that they cost what a
         # wrong password costs: an attacker cannot time which names exist.
         self._dummy_hash = hash_password(secrets.token_urlsafe(16))
@@ -445,16 +450,25 @@ class UserStore:
 
     def reload_if_changed(self) -> bool:
         """Re-read the file if it changed on disk since it was last read or
-        written (for `trivnc passwd` run while the server runs). Returns
-        whether it did. A deleted file means no users (fail closed). A
-        malformed file raises MalformedUsersFileError and the store keeps the
-        users it had."""
+        written (for `trivnc passwd` run while the server runs); cheap enough
+        (one stat) to call before every login. Returns whether it did. A
+        deleted file means no users (fail closed). A malformed file is logged
+        once and ignored: the store keeps the users it had, so a bad hand edit
+        does not lock everyone out (the next change refuses to overwrite it)."""
         with self._lock:
-            affected = self._reload_locked()
+            try:
+                affected = self._reload_locked()
+            except MalformedUsersFileError as exc:
+                sig = self._current_signature()
+                if sig != self._rejected:
+                    self._rejected = sig
+                    log.warning("users file not reloaded, keeping the previous users: %s", exc)
+                return False
         self._notify(affected)
         return affected is not None
 
     def _reload_locked(self) -> list[str] | None:
+        """Raises MalformedUsersFileError."""
         if self._current_signature() == self._signature:
             return None
         users, sig = self._read()

@@ -259,7 +259,8 @@ class VncClient:
         return await self.wait_for(FramebufferUpdate, timeout)
 
     async def next_update_with_time(
-        self, timeout: float = DEFAULT_TIMEOUT  # noqa: ASYNC109
+        self,
+        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109
     ) -> tuple[float, FramebufferUpdate]:
         """Like next_update(), with the trio.current_time() at which the
         update's last byte had been parsed (for latency measurements)."""
@@ -372,9 +373,7 @@ class VncClient:
         if self._outgoing is not None and self._write_failure is None:
             self._outgoing.send_nowait((data, trio.Event()))
 
-    async def _writer(
-        self, outgoing: trio.MemoryReceiveChannel[tuple[bytes, trio.Event]]
-    ) -> None:
+    async def _writer(self, outgoing: trio.MemoryReceiveChannel[tuple[bytes, trio.Event]]) -> None:
         # Never raises (except Cancelled): a broken stream is remembered and
         # reported to every send() still waiting and every later one.
         async for data, written in outgoing:

@@ -1069,15 +1069,13 @@ class ClientConnection:
         bitmap = yield from read(row_bytes)
         mask = yield from read(row_bytes)
         stride = (rect.w + 7) // 8
-        primary = np.unpackbits(
-            np.frombuffer(bitmap, np.uint8).reshape(rect.h, stride), axis=1
-        )[:, : rect.w].astype(bool)
+        primary = np.unpackbits(np.frombuffer(bitmap, np.uint8).reshape(rect.h, stride), axis=1)[
+            :, : rect.w
+        ].astype(bool)
         bgrx = np.zeros((rect.h, rect.w, 4), np.uint8)
         for channel, offset in ((2, 0), (1, 1), (0, 2)):  # R, G, B into BGRX
             bgrx[..., channel] = np.where(primary, colours[offset], colours[3 + offset])
-        self._set_cursor(
-            PseudoEncoding.X_CURSOR, rect, _rgba_from_mask(bgrx, mask, rect.w, rect.h)
-        )
+        self._set_cursor(PseudoEncoding.X_CURSOR, rect, _rgba_from_mask(bgrx, mask, rect.w, rect.h))
 
     def _read_cursor_with_alpha(self, rect: Rect) -> Needs[None]:
         # rfbproto "Cursor With Alpha": S32 encoding, then RGBA (premultiplied,
@@ -1400,8 +1398,9 @@ class ClientConnection:
         self._require_established("KeyEvent")
         return struct.pack(">BB2xI", ClientMessage.KEY_EVENT, int(down), keysym)
 
-    def pointer_event(self, x: int, y: int, buttons: int = 0, *, scroll_x: int = 0,
-                      scroll_y: int = 0) -> bytes:
+    def pointer_event(
+        self, x: int, y: int, buttons: int = 0, *, scroll_x: int = 0, scroll_y: int = 0
+    ) -> bytes:
         """PointerEvent. `buttons` has bit N set for button N+1 pressed: bits
         0-2 left/middle/right, 3-6 wheel, 7 back, 8 forward (needs the server's
         ExtendedMouseButtons confirmation). In the kasm dialect the mask is a
@@ -1564,7 +1563,9 @@ class ClientConnection:
         if len(encodings) > 0xFF:
             raise LocalProtocolError("at most 255 video encoders")
         return struct.pack(
-            f">BB{len(encodings)}i", ClientMessage.KASM_VIDEO_ENCODERS, len(encodings),
+            f">BB{len(encodings)}i",
+            ClientMessage.KASM_VIDEO_ENCODERS,
+            len(encodings),
             *(_signed32(e) for e in encodings),
         )
 
