@@ -76,17 +76,15 @@ class ServerBackend:
     async def _frame_stats(self, client: str, requester: str) -> dict[str, Any]:
         service = self.context.service
         selected = self._select(client, requester)
-        for session in selected:
-            session.track_frame = True
         start = service.latest.version if service.latest else 0
+        for session in selected:
+            session.track_frame = start + 1
         # The next frame that some session encodes; on a still screen, a full
         # frame is measured instead of answering 503 as KasmVNC does.
         with trio.move_on_after(FRAME_WAIT / 2):
             await _wait_for(lambda: _encoded_after(self.context, start), service)
         if not _encoded_after(self.context, start):
             service.request_full_frame()
-            for session in self._sessions():
-                session.request_full_frame()
             with trio.move_on_after(FRAME_WAIT / 2):
                 await _wait_for(lambda: _encoded_after(self.context, start), service)
         timing = _encoded_after(self.context, start)
@@ -110,7 +108,7 @@ class ServerBackend:
                     "processes": [],
                 }
             )
-            session.track_frame = False
+            session.track_frame = None
         result["client_side"] = client_side
         return result
 

@@ -64,6 +64,7 @@ class FramebufferService:
         self._masks: deque[tuple[int, TileMask]] = deque(maxlen=damage_history)
         self._subscribers: set[Callable[[], None]] = set()
         self._force_full = False
+        self._force = trio.Event()
         self._ready = trio.Event()
 
     # -- consumers -----------------------------------------------------------------
@@ -110,8 +111,33 @@ class FramebufferService:
             timing.clients += 1
 
     def request_full_frame(self) -> None:
-        """Make the next frame count as wholly changed (the API's send_full_frame)."""
+        """Capture a new frame now, counted as wholly changed, even on a
+        still desktop (the API's frame stats and send_full_frame)."""
         self._force_full = True
+        self._force.set()
+
+    async def _next_damage(self) -> Damage:
+        """The source's next damage, or a full-frame request, whichever comes
+        first. Sources' wait_damage keeps what it gathered when cancelled."""
+        if self._force.is_set():
+            self._force = trio.Event()
+            return Damage(full=True)
+        result: list[Damage] = []
+        async with trio.open_nursery() as race:
+
+            async def from_source() -> None:
+                result.append(await self.source.wait_damage())
+                race.cancel_scope.cancel()
+
+            async def forced() -> None:
+                await self._force.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(from_source)
+            race.start_soon(forced)
+        if self._force.is_set():
+            self._force = trio.Event()
+        return result[0] if result else Damage(full=True)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -126,7 +152,7 @@ class FramebufferService:
                 # Pace first, then collect the damage: whatever changed while
                 # we slept is coalesced by the source into one hint.
                 await trio.sleep_until(next_allowed)
-                damage = await self.source.wait_damage()
+                damage = await self._next_damage()
                 started = trio.current_time()
                 await self._capture(damage)
                 next_allowed = max(started + interval, trio.current_time())

@@ -94,8 +94,9 @@ class ClientSession:
         #: KasmVNC's connection id shape: "ip_seconds.micros::websocket".
         self.connection_id = f"{host}_{time.time():.6f}::{transport}"
         self.bottleneck = BottleneckTracker(context.config.max_frame_rate)
-        #: Armed by the frame-stats API: time the next update's processing.
-        self.track_frame = False
+        #: Armed by the frame-stats API: time the processing of the first
+        #: update of this frame version or a later one.
+        self.track_frame: int | None = None
         #: Frame version -> seconds from sending its update to the client's
         #: fence reply (the client processed it).
         self.client_times: dict[int, float] = {}
@@ -448,8 +449,9 @@ class ClientSession:
             # The time blocked in writing is how long the link took to absorb
             # the update: the network side of the bottleneck score.
             self.bottleneck.frame(self._last_encode_wall, time.perf_counter() - started)
-            if self.track_frame and self.conn.capabilities.fence:
-                self.track_frame = False
+            tracked = self.track_frame
+            if tracked is not None and frame.version >= tracked and self.conn.capabilities.fence:
+                self.track_frame = None
                 self._send_fence(frame.version)
 
     def _size_update(
