@@ -247,3 +247,49 @@ async def test_an_idle_desktop_sends_nothing(server: Server, xvfb: Xvfb) -> None
         await trio.sleep(5)
         assert session.stats.bytes_sent == sent
         assert server.service.latest is not None and server.service.latest.version == version
+
+
+async def test_tigervnc_viewer_points_clicks_and_types_into_a_window(
+    server: Server, xvfb: Xvfb, painter: Any, tmp_path: Path
+) -> None:
+    for program in ("xtigervncviewer", "xdotool"):
+        if shutil.which(program) is None:
+            pytest.fail(f"{program} is not installed; run tests/system-deps.sh")
+    _test_window(painter)
+    with Xvfb(W, H) as viewer_screen, (tmp_path / "viewer.log").open("wb") as log:
+        viewer = subprocess.Popen(
+            [
+                "xtigervncviewer",
+                "-FullScreen",
+                "-SecurityTypes=None",
+                "-Shared=1",
+                f"127.0.0.1::{server.rfb_port}",
+            ],
+            env=viewer_screen.env(),
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            # Wait until the viewer shows the desktop (the white test window).
+            with trio.fail_after(20):
+                while not (viewer_screen.screenshot()[200, 200, :3] == 255).all():
+                    await trio.sleep(0.2)
+            _drain(painter)
+            xdotool = ["xdotool", "mousemove", "170", "180", "click", "1", "type", "ok"]
+            await trio.run_process(xdotool, env=viewer_screen.env(), capture_stdout=True)
+            typed: list[str] = []
+            presses: list[Any] = []
+            with trio.move_on_after(5):
+                while "".join(typed) != "ok" or not presses:
+                    await trio.sleep(0.1)
+                    for e in _drain(painter):
+                        if e.type == X.ButtonPress:
+                            presses.append(e)
+                        elif e.type == X.KeyPress:
+                            typed.append(chr(painter.keycode_to_keysym(e.detail, 0)))
+            assert "".join(typed) == "ok"
+            assert presses[0].detail == 1
+            assert (presses[0].event_x, presses[0].event_y) == (120, 130)
+        finally:
+            viewer.terminate()
+            viewer.wait(5)
