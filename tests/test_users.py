@@ -353,11 +353,8 @@ def test_symlinked_file_stays_a_symlink(tmp_path: Path) -> None:
 # user's permissions between "r" and "rw" in one bulk change, forever.
 KILL_WRITER = textwrap.dedent(
     """
-    import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("users_under_test", sys.argv[1])
-    users = importlib.util.module_from_spec(spec)
-    sys.modules["users_under_test"] = users
-    spec.loader.exec_module(users)
+    import sys
+    from trivnc.server import users
     store = users.UserStore(sys.argv[2])
     names = [u.name for u in store.users()]
     write = False

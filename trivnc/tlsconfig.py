@@ -6,7 +6,6 @@ import contextlib
 import datetime as dt
 import ipaddress
 import os
-import secrets
 import socket
 import ssl
 from collections.abc import Sequence
@@ -16,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .files import write_atomically
 
 __all__ = [
     "CERT_FILE",
@@ -68,20 +69,7 @@ def _cert_is_usable(cert_path: Path, key_path: Path) -> bool:
 
 
 def _write_private(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically with `mode` from the start (never briefly readable)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, data, mode)
 
 
 def ensure_self_signed(directory: str | os.PathLike[str]) -> tuple[Path, Path]:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ..files import write_atomically
+
 __all__ = [
     "DEFAULT_OWNER_NAME",
     "MAX_NAME_BYTES",
@@ -380,21 +382,7 @@ def _fsync_dir(dir_fd: int) -> None:
 
 
 def _atomic_write(target: Path, data: bytes, dir_fd: int) -> None:
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomically(target, data, 0o600)
     _fsync_dir(dir_fd)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
+from ..files import write_atomically
+
 _FIXED_KEY = bytes((23, 82, 107, 6, 35, 78, 88, 7))
 
 
@@ -33,12 +35,4 @@ def write_vnc_password_file(path: str | os.PathLike[str], password: str) -> None
     raw = password.encode("latin-1")[:8].ljust(8, b"\0")
     encryptor = _cipher().encryptor()
     data = encryptor.update(raw) + encryptor.finalize()
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, target)
+    write_atomically(Path(path), data, 0o600)
