@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,21 +163,30 @@ class FramebufferService:
         version = prev.version + 1 if prev else 1
         width, height = self.source.size
         timing = FrameTiming(version, width, height)
-        with timing.span("Screenshot"):
-            pixels = await trio.to_thread.run_sync(
-                self.source.capture, damage, limiter=self.limiter
-            )
+        force = self._force_full
+        previous = None if prev is None or force else prev.pixels
+
+        def capture_and_compare() -> tuple[Pixels, TileMask, float, float]:
+            # One worker-thread trip per frame for both steps: each trip to a
+            # thread and back costs about as much as comparing the tiles.
+            started = time.perf_counter()
+            pixels = self.source.capture(damage)
+            captured = time.perf_counter()
+            h, w = pixels.shape[:2]
+            if previous is None or previous.shape != pixels.shape:
+                mask = full_mask(w, h)
+            else:
+                mask = changed_tiles(previous, pixels, damage)
+            return pixels, mask, captured - started, time.perf_counter() - captured
+
+        pixels, mask, t_capture, t_analysis = await trio.to_thread.run_sync(
+            capture_and_compare, limiter=self.limiter
+        )
+        timing.spans["Screenshot"] = t_capture
+        timing.spans["Analysis"] = t_analysis
         pixels.flags.writeable = False
         height, width = pixels.shape[:2]
         timing.width, timing.height = width, height
-        force = self._force_full
-        with timing.span("Analysis"):
-            if prev is None or prev.pixels.shape != pixels.shape or force:
-                mask = full_mask(width, height)
-            else:
-                mask = await trio.to_thread.run_sync(
-                    changed_tiles, prev.pixels, pixels, damage, limiter=self.limiter
-                )
         if prev is not None and not mask.any():
             return  # nothing really changed: no version, no bytes
         self._force_full = False

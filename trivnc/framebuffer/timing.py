@@ -2,13 +2,13 @@
 # (protocol.md B.7.5): "Screenshot" (capture), "Analysis" (damage), and for
 # encoding the wall time "Encoding_total" plus one entry per encoder with CPU
 # time, rect count and area, summed over every client that encoded the frame.
-# Shaped after httpcore's _trace.py: a context manager times a named span.
+# The service times capture and analysis in the worker thread that does both
+# and records them here.
 from __future__ import annotations
 
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -35,14 +35,6 @@ class FrameTiming:
     encoding_total: float = 0.0  # wall seconds from publish to the last rect encoded
     videoscaling: float = 0.0
     clients: int = 0  # sessions that sent this frame
-
-    @contextmanager
-    def span(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.spans[name] = self.spans.get(name, 0.0) + time.perf_counter() - start
 
     def add_encoder(self, name: str, cpu_seconds: float, count: int, area: int) -> None:
         entry = self.encoders.setdefault(name, EncoderSpan())
