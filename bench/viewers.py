@@ -118,27 +118,42 @@ async def _skip_tight(r: _Reader, w: int, h: int) -> None:
         await r.read(await r.compact_length())
 
 
-async def viewer(port: int, seconds: float, counts: list[int], index: int) -> None:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    r = _Reader(stream)
-    await r.read(12)
+async def start_viewer(
+    stream: trio.SocketStream, r: _Reader, encodings: list[int] = ENCODINGS
+) -> bytes:
+    """RFB 3.8 with security None, RGBX pixels (so Tight uses 3-byte TPIXELs,
+    as for TigerVNC and noVNC), `encodings`, and a first full-screen request;
+    returns the incremental request to send after each update."""
+    version = await r.read(12)
+    if not version.startswith(b"RFB 003.00"):
+        raise RuntimeError(f"not an RFB server: {version!r}")
     await stream.send_all(b"RFB 003.008\n")
-    ntypes = (await r.read(1))[0]
-    await r.read(ntypes)
+    types = await r.read((await r.read(1))[0])
+    if not types:
+        (n,) = struct.unpack(">I", await r.read(4))
+        raise RuntimeError(f"connection refused: {(await r.read(n)).decode(errors='replace')}")
+    if 1 not in types:
+        raise RuntimeError(f"security None not offered: {list(types)}")
     await stream.send_all(b"\x01")
-    await r.read(4)
-    await stream.send_all(b"\x01")
+    if await r.read(4) != b"\0\0\0\0":
+        raise RuntimeError("security result: failed")
+    await stream.send_all(b"\x01")  # shared
     width, height = struct.unpack(">HH", await r.read(4))
     await r.read(16)
     (name_len,) = struct.unpack(">I", await r.read(4))
     await r.read(name_len)
-    # RGBX like TigerVNC and noVNC, so Tight uses 3-byte TPIXELs.
     await stream.send_all(b"\x00\x00\x00\x00" + RGBX.pack())
     await stream.send_all(
-        b"\x02\x00" + struct.pack(f">H{len(ENCODINGS)}i", len(ENCODINGS), *ENCODINGS)
+        b"\x02\x00" + struct.pack(f">H{len(encodings)}i", len(encodings), *encodings)
     )
-    request = b"\x03\x01" + struct.pack(">HHHH", 0, 0, width, height)
     await stream.send_all(b"\x03\x00" + struct.pack(">HHHH", 0, 0, width, height))
+    return b"\x03\x01" + struct.pack(">HHHH", 0, 0, width, height)
+
+
+async def viewer(port: int, seconds: float, counts: list[int], index: int) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    r = _Reader(stream)
+    request = await start_viewer(stream, r)
     deadline = trio.current_time() + seconds
     async with stream:
         while trio.current_time() < deadline:

@@ -44,10 +44,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from viewers import _Reader, _skip_tight, cpu_seconds
+from viewers import _Reader, _skip_tight, cpu_seconds, start_viewer
 
 from trivnc.rfb.constants import Encoding, PseudoEncoding
-from trivnc.rfb.pixelformat import RGBX
 
 WIDTH, HEIGHT = 1920, 1080
 ENCODINGS = [
@@ -299,30 +298,7 @@ async def viewer(port: int, stats: ViewerStats) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     r = stats.reader = _CountingReader(stream)
     async with stream:
-        version = await r.read(12)
-        if not version.startswith(b"RFB 003.00"):
-            raise RuntimeError(f"not an RFB server: {version!r}")
-        await stream.send_all(b"RFB 003.008\n")
-        types = await r.read((await r.read(1))[0])
-        if not types:
-            (n,) = struct.unpack(">I", await r.read(4))
-            raise RuntimeError(f"connection refused: {(await r.read(n)).decode(errors='replace')}")
-        if 1 not in types:
-            raise RuntimeError(f"security None not offered: {list(types)}")
-        await stream.send_all(b"\x01")
-        if await r.read(4) != b"\0\0\0\0":
-            raise RuntimeError("security result: failed")
-        await stream.send_all(b"\x01")  # shared
-        width, height = struct.unpack(">HH", await r.read(4))
-        await r.read(16)
-        (name_len,) = struct.unpack(">I", await r.read(4))
-        await r.read(name_len)
-        await stream.send_all(b"\x00\x00\x00\x00" + RGBX.pack())
-        await stream.send_all(
-            b"\x02\x00" + struct.pack(f">H{len(ENCODINGS)}i", len(ENCODINGS), *ENCODINGS)
-        )
-        request = b"\x03\x01" + struct.pack(">HHHH", 0, 0, width, height)
-        await stream.send_all(b"\x03\x00" + struct.pack(">HHHH", 0, 0, width, height))
+        request = await start_viewer(stream, r, ENCODINGS)
         while True:
             msg = (await r.read(1))[0]
             if msg == 0:
