@@ -185,7 +185,7 @@ async def test_vncdotool_points_clicks_and_types_into_a_window(
 async def test_clipboard_both_ways_with_xclip(server: Server, xvfb: Xvfb) -> None:
     if shutil.which("xclip") is None:
         pytest.fail("xclip is not installed (Debian package xclip)")
-    env = xvfb.env()
+    env = {**xvfb.env(), "LC_ALL": "C.UTF-8"}
     encodings = [Encoding.RAW, PseudoEncoding.EXTENDED_CLIPBOARD]
     async with open_test_client("127.0.0.1", server.rfb_port, encodings=encodings) as c:
         await c.screenshot()

@@ -34,6 +34,8 @@ log = logging.getLogger("trivnc.x11")
 #: Grabbing one rect costs a round trip plus its pixels. On Xvfb with MIT-SHM
 #: a 64x64 grab takes about 0.03 ms and a 256x256 one about 0.05-0.14 ms, so
 #: the round trip is worth some 50k pixels of copying (see `_plan_grabs`).
+#: How long input and resizes wait for run() to connect to the X server.
+CONNECT_WAIT = 5.0
 GRAB_OVERHEAD_PIXELS = 50_000
 #: RandR sizes are CARD16, and X coordinates are signed 16-bit.
 MAX_SIDE = 32767
@@ -140,6 +142,15 @@ class X11Source(Source):
         self._input: _InputHelper | None = None
         self._clipboard: _ClipboardHelper | None = None
         self._ended = False
+        #: Set once run() has connected and started the input and clipboard
+        #: helpers; a viewer can be faster than that (capture works from the
+        #: constructor on), and its first input or resize must not be lost.
+        self._connected = trio.Event()
+
+    async def _wait_connected(self) -> None:
+        if not self._connected.is_set() and not self._ended:
+            with trio.move_on_after(CONNECT_WAIT):
+                await self._connected.wait()
 
     # -- Source: pixels ----------------------------------------------------------
 
@@ -273,6 +284,7 @@ class X11Source(Source):
         lost: Exception | None = None
         async with trio.open_nursery() as nursery:
             self._start_helpers(nursery, listener)
+            self._connected.set()
             # Caught in here: escaping the nursery it would arrive at run()
             # wrapped in an ExceptionGroup.
             try:
@@ -373,21 +385,25 @@ class X11Source(Source):
             log.debug("%s: input dropped: %s", self.display, exc)
 
     async def key_event(self, keysym: int, down: bool) -> None:
+        await self._wait_connected()
         helper = self._input
         if helper is not None:
             await self._forward(lambda: helper.key_event(keysym, down))
 
     async def pointer_event(self, x: int, y: int, buttons: int) -> None:
+        await self._wait_connected()
         helper = self._input
         if helper is not None:
             await self._forward(lambda: helper.pointer_event(x, y, buttons))
 
     async def scroll_event(self, x: int, y: int, dx: int, dy: int) -> None:
+        await self._wait_connected()
         helper = self._input
         if helper is not None:
             await self._forward(lambda: helper.scroll_event(x, y, dx, dy))
 
     async def clipboard_text(self, text: str) -> None:
+        await self._wait_connected()
         helper = self._clipboard
         if helper is not None:
             await self._forward(lambda: helper.set_text(text))
@@ -399,7 +415,7 @@ class X11Source(Source):
         exactly that size (Xvfb cannot grow beyond its -screen size)."""
         from Xlib import error as xerror
 
-        await trio.lowlevel.checkpoint()
+        await self._wait_connected()
         d = self._xdisplay
         if d is None or not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
             return False
