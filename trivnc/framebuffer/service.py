@@ -65,7 +65,7 @@ class FramebufferService:
         self._masks: deque[tuple[int, TileMask]] = deque(maxlen=damage_history)
         self._subscribers: set[Callable[[], None]] = set()
         self._force_full = False
-        self._force = trio.Event()
+        self._waiting: trio.CancelScope | None = None
         self._ready = trio.Event()
 
     # -- consumers -----------------------------------------------------------------
@@ -115,30 +115,22 @@ class FramebufferService:
         """Capture a new frame now, counted as wholly changed, even on a
         still desktop (the API's frame stats and send_full_frame)."""
         self._force_full = True
-        self._force.set()
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     async def _next_damage(self) -> Damage:
-        """The source's next damage, or a full-frame request, whichever comes
-        first. Sources' wait_damage keeps what it gathered when cancelled."""
-        if self._force.is_set():
-            self._force = trio.Event()
+        """The source's next damage, or a full frame when one is requested
+        meanwhile (the wait is cancelled; sources' wait_damage keeps what it
+        gathered when cancelled)."""
+        if self._force_full:
             return Damage(full=True)
-        result: list[Damage] = []
-        async with trio.open_nursery() as race:
-
-            async def from_source() -> None:
-                result.append(await self.source.wait_damage())
-                race.cancel_scope.cancel()
-
-            async def forced() -> None:
-                await self._force.wait()
-                race.cancel_scope.cancel()
-
-            race.start_soon(from_source)
-            race.start_soon(forced)
-        if self._force.is_set():
-            self._force = trio.Event()
-        return result[0] if result else Damage(full=True)
+        with trio.CancelScope() as scope:
+            self._waiting = scope
+            try:
+                return await self.source.wait_damage()
+            finally:
+                self._waiting = None
+        return Damage(full=True)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -189,7 +181,10 @@ class FramebufferService:
         timing.width, timing.height = width, height
         if prev is not None and not mask.any():
             return  # nothing really changed: no version, no bytes
-        self._force_full = False
+        if force:
+            # Only the request this capture served: one made while it ran
+            # gets a capture of its own.
+            self._force_full = False
         if prev is not None and prev.pixels.shape != pixels.shape:
             self._masks.clear()  # older masks have another shape; sessions resend all
             log.info("desktop size is now %dx%d", width, height)
