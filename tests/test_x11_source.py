@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -387,3 +388,41 @@ async def test_xvfb_desktop_reports_a_failed_start() -> None:
     with pytest.raises(XvfbError):
         async with XvfbDesktop(64, 64, depth=7):
             pass  # pragma: no cover
+
+
+def test_recycled_frame_buffers_are_current_and_never_touch_held_frames() -> None:
+    """FrameBuffers against a model: every frame equals the screen at its
+    time, and frames still held by someone are never written again."""
+    from trivnc.sources.x11.source import FrameBuffers
+
+    rng = np.random.default_rng(21)
+    h, w = 90, 120
+    truth = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    buffers = FrameBuffers()
+    prev = truth.copy()
+    buffers.reset(prev)
+    held: list[tuple[np.ndarray, np.ndarray]] = []
+    returned: list[weakref.ref[np.ndarray]] = []
+    reused = 0
+    for _ in range(300):
+        damage = []
+        for _ in range(int(rng.integers(1, 4))):
+            x, y = int(rng.integers(0, w - 1)), int(rng.integers(0, h - 1))
+            rect = Rect(x, y, int(rng.integers(1, w - x + 1)), int(rng.integers(1, h - y + 1)))
+            truth[rect.slices()] = rng.integers(0, 256, (rect.h, rect.w, 4), dtype=np.uint8)
+            damage.append(rect)
+        frame = buffers.take(prev, damage)
+        reused += any(ref() is frame for ref in returned)
+        returned.append(weakref.ref(frame))
+        for rect in damage:  # what the X grab does
+            frame[rect.slices()] = truth[rect.slices()]
+        frame.flags.writeable = False  # as the framebuffer service does
+        assert np.array_equal(frame, truth)
+        for kept, copy in held:
+            assert np.array_equal(kept, copy)
+        if rng.random() < 0.3:
+            held.append((frame, frame.copy()))
+        if held and rng.random() < 0.3:
+            held.pop(0)
+        prev = frame
+    assert reused > 100  # buffers were recycled, not copied afresh each time
