@@ -150,6 +150,35 @@ async def start_viewer(
     return b"\x03\x01" + struct.pack(">HHHH", 0, 0, width, height)
 
 
+async def skip_update(r: _Reader) -> tuple[bool, tuple[int, int] | None]:
+    """Read one FramebufferUpdate (its type byte already read) without
+    decoding it: whether it carried pixels, and the new desktop size if it
+    announced one."""
+    (nrects,) = struct.unpack(">xH", await r.read(3))
+    pixels = False
+    size = None
+    while nrects:
+        _x, _y, w, h, enc = struct.unpack(">HHHHi", await r.read(12))
+        nrects -= 1
+        if enc == Encoding.TIGHT:
+            await _skip_tight(r, w, h)
+            pixels = True
+        elif enc == Encoding.RAW:
+            await r.read(4 * w * h)
+            pixels = True
+        elif enc == PseudoEncoding.EXTENDED_DESKTOP_SIZE:
+            n = (await r.read(4))[0]
+            await r.read(16 * n)
+            size = (w, h)
+        elif enc == PseudoEncoding.DESKTOP_SIZE:
+            size = (w, h)
+        elif enc == PseudoEncoding.LAST_RECT:
+            break
+        else:
+            raise RuntimeError(f"unexpected encoding {enc}")
+    return pixels, size
+
+
 async def viewer(port: int, seconds: float, counts: list[int], index: int) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     r = _Reader(stream)
@@ -164,21 +193,7 @@ async def viewer(port: int, seconds: float, counts: list[int], index: int) -> No
                 continue
             if msg != 0:
                 raise RuntimeError(f"unexpected message {msg}")
-            (nrects,) = struct.unpack(">xH", await r.read(3))
-            pixels = False
-            while nrects:
-                _x, _y, w, h, enc = struct.unpack(">HHHHi", await r.read(12))
-                nrects -= 1
-                if enc == Encoding.TIGHT:
-                    await _skip_tight(r, w, h)
-                    pixels = True
-                elif enc == PseudoEncoding.EXTENDED_DESKTOP_SIZE:
-                    n = (await r.read(4))[0]
-                    await r.read(16 * n)
-                elif enc == PseudoEncoding.LAST_RECT:
-                    break
-                else:
-                    raise RuntimeError(f"unexpected encoding {enc}")
+            pixels, _size = await skip_update(r)
             if pixels:
                 counts[index] += 1
             await stream.send_all(request)

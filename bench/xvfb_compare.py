@@ -44,7 +44,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from viewers import _Reader, _skip_tight, cpu_seconds, start_viewer
+from viewers import _Reader, cpu_seconds, skip_update, start_viewer
 
 from trivnc.rfb.constants import Encoding, PseudoEncoding
 
@@ -302,23 +302,9 @@ async def viewer(port: int, stats: ViewerStats) -> None:
         while True:
             msg = (await r.read(1))[0]
             if msg == 0:
-                (nrects,) = struct.unpack(">xH", await r.read(3))
-                pixels = False
-                while nrects:
-                    _x, _y, w, h, enc = struct.unpack(">HHHHi", await r.read(12))
-                    nrects -= 1
-                    if enc == Encoding.TIGHT:
-                        await _skip_tight(r, w, h)
-                        pixels = True
-                    elif enc == Encoding.RAW:
-                        await r.read(4 * w * h)
-                        pixels = True
-                    elif enc == PseudoEncoding.LAST_RECT:
-                        break
-                    elif enc == PseudoEncoding.DESKTOP_SIZE:
-                        request = b"\x03\x01" + struct.pack(">HHHH", 0, 0, w, h)
-                    else:
-                        raise RuntimeError(f"unexpected encoding {enc}")
+                pixels, size = await skip_update(r)
+                if size is not None:
+                    request = b"\x03\x01" + struct.pack(">HHHH", 0, 0, *size)
                 if pixels:
                     stats.updates += 1
                 else:
