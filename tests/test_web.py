@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import ssl
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import imagecodecs
@@ -23,7 +25,7 @@ from trivnc.rfb.constants import Encoding, PseudoEncoding
 from trivnc.server import Server
 from trivnc.server.users import UserStore
 from trivnc.sources.array import ArraySource, KeyInput
-from trivnc.testing.aclient import HandshakeError, open_test_client, wrap_stream
+from trivnc.testing.aclient import HandshakeError, VncClient, open_test_client, wrap_stream
 from trivnc.testing.images import desktop_like, psnr
 
 USERS = {
@@ -63,6 +65,18 @@ async def setup(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Setup]:
     yield Setup(server, source, users, client_ssl)
 
 
+def user_client(setup: Setup, name: str, **kw: Any) -> AbstractAsyncContextManager[VncClient]:
+    """A VeNCrypt X509Plain client on the RFB port, logged in as `name`."""
+    return open_test_client(
+        "127.0.0.1",
+        setup.server.rfb_port,
+        username=name,
+        password=USERS[name][0],
+        ssl_context=setup.client_ssl,
+        **kw,
+    )
+
+
 def basic(name: str) -> str:
     password = USERS[name][0] if name in USERS else "nope"
     return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
@@ -73,13 +87,7 @@ def basic(name: str) -> str:
 
 async def test_vencrypt_x509plain_with_the_users_file(setup: Setup) -> None:
     port = setup.server.rfb_port
-    async with open_test_client(
-        "127.0.0.1",
-        port,
-        username="typist",
-        password=USERS["typist"][0],
-        ssl_context=setup.client_ssl,
-    ) as c:
+    async with user_client(setup, "typist") as c:
         shot = await c.screenshot()
         assert np.array_equal(shot[..., :3], setup.source.pixels[..., :3])
     with pytest.raises(HandshakeError):
@@ -92,13 +100,7 @@ async def test_vencrypt_x509plain_with_the_users_file(setup: Setup) -> None:
 async def test_read_only_user_cannot_type(setup: Setup) -> None:
     events = setup.source.input_events()
     for name in ("watcher", "typist"):
-        async with open_test_client(
-            "127.0.0.1",
-            setup.server.rfb_port,
-            username=name,
-            password=USERS[name][0],
-            ssl_context=setup.client_ssl,
-        ) as c:
+        async with user_client(setup, name) as c:
             await c.screenshot()
             await c.key(ord("x"))
             await c.pointer(3, 4, 1)
@@ -226,14 +228,7 @@ async def test_screenshot_matches_the_screen(setup: Setup) -> None:
 async def test_frame_and_bottleneck_stats_come_from_sessions(setup: Setup) -> None:
     encodings = [Encoding.RAW, PseudoEncoding.FENCE]
     async with (
-        open_test_client(
-            "127.0.0.1",
-            setup.server.rfb_port,
-            username="typist",
-            password=USERS["typist"][0],
-            ssl_context=setup.client_ssl,
-            encodings=encodings,
-        ) as c,
+        user_client(setup, "typist", encodings=encodings) as c,
         api(setup) as http,
     ):
         await c.screenshot()
@@ -264,14 +259,7 @@ async def test_frame_and_bottleneck_stats_come_from_sessions(setup: Setup) -> No
 
 async def test_send_full_frame(setup: Setup) -> None:
     async with (
-        open_test_client(
-            "127.0.0.1",
-            setup.server.rfb_port,
-            username="watcher",
-            password=USERS["watcher"][0],
-            ssl_context=setup.client_ssl,
-            encodings=[Encoding.RAW],
-        ) as c,
+        user_client(setup, "watcher", encodings=[Encoding.RAW]) as c,
         api(setup) as http,
     ):
         await c.screenshot()
@@ -284,13 +272,7 @@ async def test_send_full_frame(setup: Setup) -> None:
 async def test_users_changed_under_open_sessions(setup: Setup) -> None:
     events = setup.source.input_events()
     async with (
-        open_test_client(
-            "127.0.0.1",
-            setup.server.rfb_port,
-            username="typist",
-            password=USERS["typist"][0],
-            ssl_context=setup.client_ssl,
-        ) as c,
+        user_client(setup, "typist") as c,
         api(setup) as http,
     ):
         await c.screenshot()
