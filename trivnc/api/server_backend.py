@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -82,11 +82,11 @@ class ServerBackend:
         # The next frame that some session encodes; on a still screen, a full
         # frame is measured instead of answering 503 as KasmVNC does.
         with trio.move_on_after(FRAME_WAIT / 2):
-            await _wait_for(lambda: _encoded_after(self.context, start), service)
+            await _wait_for(lambda: _encoded_after(self.context, start))
         if not _encoded_after(self.context, start):
             service.request_full_frame()
             with trio.move_on_after(FRAME_WAIT / 2):
-                await _wait_for(lambda: _encoded_after(self.context, start), service)
+                await _wait_for(lambda: _encoded_after(self.context, start))
         timing = _encoded_after(self.context, start)
         if timing is None:
             raise ApiError(503, "no frame was encoded in time")
@@ -221,7 +221,7 @@ def _encoded_after(context: ServerContext, version: int) -> Any:
     return None
 
 
-async def _wait_for(predicate: Any, service: Any) -> None:
+async def _wait_for(predicate: Callable[[], object]) -> None:
     # Sessions record what they sent as they send it; a short poll under the
     # caller's deadline is simpler than a notification for each of them.
     while not predicate():  # noqa: ASYNC110

@@ -52,15 +52,6 @@ def last_rect() -> bytes:
     return _RECT.pack(0, 0, 0, 0, PseudoEncoding.LAST_RECT)
 
 
-def framebuffer_update(rects: Sequence[tuple[Rect, int, list[bytes]]]) -> list[bytes]:
-    """A whole update from (rect, encoding, payload) triples."""
-    out = [framebuffer_update_header(len(rects))]
-    for rect, encoding, payload in rects:
-        out.append(rect_header(rect, encoding))
-        out.extend(payload)
-    return out
-
-
 # -- pseudo-rects (each returns header + data; count it as one rect) --------------
 
 

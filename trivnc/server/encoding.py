@@ -55,10 +55,6 @@ class EncodedRect:
     encoding: int
     payload: Payload
 
-    @property
-    def size(self) -> int:
-        return 12 + sum(len(p) for p in self.payload)
-
 
 def split_rect(rect: Rect, encoding: int) -> list[Rect]:
     """Pieces of rect that respect the encoding's limits, in raster order."""

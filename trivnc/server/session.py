@@ -640,10 +640,6 @@ class ClientSession:
             self._full_area = Rect(0, 0, *self._client_size)
             self.poke()
 
-    @property
-    def state(self) -> State:
-        return self.conn.state
-
 
 _CURSOR_ENCODINGS = {
     struct.pack(">i", PseudoEncoding.CURSOR),
