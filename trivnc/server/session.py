@@ -400,10 +400,15 @@ class ClientSession:
         self.poke()
 
     def _ready_replies(self, frame: Frame) -> list[tuple[DesktopSizeReason, DesktopSizeStatus]]:
-        ready = [(r, s) for r, s, size in self._eds_replies if size is None or size == frame.size]
-        self._eds_replies = [
-            e for e in self._eds_replies if not (e[2] is None or e[2] == frame.size)
-        ]
+        """Take the replies whose size the current frame has; the rest wait."""
+        ready: list[tuple[DesktopSizeReason, DesktopSizeStatus]] = []
+        waiting: list[tuple[DesktopSizeReason, DesktopSizeStatus, tuple[int, int] | None]] = []
+        for reason, status, size in self._eds_replies:
+            if size is None or size == frame.size:
+                ready.append((reason, status))
+            else:
+                waiting.append((reason, status, size))
+        self._eds_replies = waiting
         return ready
 
     # -- send -------------------------------------------------------------------------
