@@ -34,18 +34,42 @@ def _compare_region(
     h, w = cur.shape[:2]
     y0, y1 = ty0 * TILE, min(ty1 * TILE, h)
     x0, x1 = tx0 * TILE, min(tx1 * TILE, w)
-    # One uint32 per pixel: a 4x cheaper compare than per byte. Frames are
-    # (h, w, 4) uint8 with a contiguous last axis, so the view needs no copy.
-    ne = prev[y0:y1, x0:x1].view(np.uint32)[..., 0] != cur[y0:y1, x0:x1].view(np.uint32)[..., 0]
-    row_any = ne.any(axis=1)
-    row_starts = np.arange(0, y1 - y0, TILE)
-    col_starts = np.arange(0, x1 - x0, TILE)
-    dirty_rows = np.logical_or.reduceat(row_any, row_starts)
-    for i in np.flatnonzero(dirty_rows):
-        band = ne[i * TILE : (i + 1) * TILE]
-        out[ty0 + i, tx0 : tx0 + len(col_starts)] |= np.logical_or.reduceat(
-            band.any(axis=0), col_starts
-        )
+    rows = y1 - y0
+    cols = slice(0, tx1 - tx0)
+    full_width = (x1 - x0) * 5 >= w * 2 and prev.flags.c_contiguous and cur.flags.c_contiguous
+    if full_width:
+        # numpy compares contiguous memory about 2.5 times faster than rows
+        # with gaps between them, so a wide region is compared across the
+        # whole width and the extra columns are dropped afterwards.
+        cols = slice(tx0, tx1)
+        x0, x1 = 0, w
+    pa, pb = prev[y0:y1, x0:x1], cur[y0:y1, x0:x1]
+    # Compare whole words: two pixels per uint64 where the width is even (4x
+    # and 2x fewer elements than per byte or per pixel). Frames are (h, w, 4)
+    # uint8 with contiguous rows of pixels, so these views copy nothing.
+    ne: npt.NDArray[np.bool_]
+    if (x1 - x0) % 2 == 0:
+        ne = pa.reshape(rows, -1).view(np.uint64) != pb.reshape(rows, -1).view(np.uint64)
+        per_tile = TILE // 2
+    else:
+        ne = pa.view(np.uint32)[..., 0] != pb.view(np.uint32)[..., 0]
+        per_tile = TILE
+    # Fold each band of TILE rows into one row (a reduction over a reshaped
+    # view is several times faster than reduceat), then each tile's words.
+    tiles = _fold(_fold(ne, TILE).T, per_tile).T[:, cols]
+    out[ty0 : ty0 + tiles.shape[0], tx0 : tx0 + tiles.shape[1]] |= tiles
+
+
+def _fold(ne: npt.NDArray[np.bool_], size: int) -> npt.NDArray[np.bool_]:
+    """OR together each run of `size` rows of `ne` (the last run may be short)."""
+    rows = ne.shape[0]
+    whole = rows // size
+    parts = []
+    if whole:
+        parts.append(np.logical_or.reduce(ne[: whole * size].reshape(whole, size, -1), axis=1))
+    if rows % size:
+        parts.append(ne[whole * size :].any(axis=0, keepdims=True))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def changed_tiles(prev: Pixels | None, cur: Pixels, damage: Damage) -> TileMask:
@@ -74,21 +98,23 @@ def mask_to_rects(mask: TileMask, width: int, height: int) -> list[Rect]:
     same columns merged down, clipped to the frame."""
     open_runs: dict[tuple[int, int], Rect] = {}
     done: list[Rect] = []
-    for ty in range(mask.shape[0]):
-        row = mask[ty]
-        runs: set[tuple[int, int]] = set()
-        if row.any():
-            padded = np.concatenate(([False], row, [False]))
-            edges = np.flatnonzero(padded[1:] != padded[:-1])
-            runs = {(int(s), int(e)) for s, e in zip(edges[::2], edges[1::2], strict=True)}
-        for key in list(open_runs):
-            if key not in runs:
-                done.append(open_runs.pop(key))
+    last_row = -2
+    # Only rows with dirty tiles are visited: most updates touch a few.
+    for ty in np.flatnonzero(mask.any(axis=1)).tolist():
+        if ty != last_row + 1:
+            done.extend(open_runs.values())
+            open_runs = {}
+        last_row = ty
+        padded = np.concatenate(([False], mask[ty], [False]))
+        edges = np.flatnonzero(padded[1:] != padded[:-1]).tolist()
+        runs = set(zip(edges[::2], edges[1::2], strict=True))
+        for key in [k for k in open_runs if k not in runs]:
+            done.append(open_runs.pop(key))
+        y = ty * TILE
+        h = min(TILE, height - y)
         for s, e in runs:
-            y = ty * TILE
-            h = min(TILE, height - y)
-            if (s, e) in open_runs:
-                r = open_runs[(s, e)]
+            r = open_runs.get((s, e))
+            if r is not None:
                 open_runs[(s, e)] = Rect(r.x, r.y, r.w, r.h + h)
             else:
                 x = s * TILE

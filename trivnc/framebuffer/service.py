@@ -52,6 +52,7 @@ class FramebufferService:
         *,
         max_frame_rate: float = 60.0,
         limiter: trio.CapacityLimiter | None = None,
+        defer_update: float = 0.004,
         damage_history: int = 120,
         timing_history: int = 256,
     ) -> None:
@@ -59,6 +60,11 @@ class FramebufferService:
             raise ValueError("max_frame_rate must be positive")
         self.source = source
         self.max_frame_rate = max_frame_rate
+        #: Seconds to wait after the first damage of a quiet spell before
+        #: capturing (Xvnc's DeferUpdate): an application draws a frame in
+        #: several requests, and one capture of the whole costs less than a
+        #: capture and an update for each part.
+        self.defer_update = defer_update
         self.limiter = limiter or trio.CapacityLimiter(2)
         self.latest: Frame | None = None
         self.timings = TimingHistory(timing_history)
@@ -124,12 +130,22 @@ class FramebufferService:
         gathered when cancelled)."""
         if self._force_full:
             return Damage(full=True)
+        ready = self.source.take_damage()
+        if ready is not None:
+            # It gathered while the loop was pacing itself: already deferred.
+            return ready
         with trio.CancelScope() as scope:
             self._waiting = scope
             try:
-                return await self.source.wait_damage()
+                damage = await self.source.wait_damage()
             finally:
                 self._waiting = None
+            if self.defer_update > 0 and not damage.full:
+                await trio.sleep(self.defer_update)
+                more = self.source.take_damage()
+                if more is not None:
+                    damage = _merge(damage, more)
+            return damage
         return Damage(full=True)
 
     # -- the loop -------------------------------------------------------------------
@@ -196,6 +212,13 @@ class FramebufferService:
         self._ready.set()
         for notify in list(self._subscribers):
             notify()
+
+
+def _merge(a: Damage, b: Damage) -> Damage:
+    if a.full or b.full or not a.rects or not b.rects:
+        # No rects means "look everywhere", which covers the other hint.
+        return Damage(full=a.full or b.full)
+    return Damage(a.rects + b.rects)
 
 
 def _mask_area(mask: TileMask, width: int, height: int) -> int:

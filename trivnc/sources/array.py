@@ -203,6 +203,11 @@ class DamageQueue:
         if waiter is not None:
             waiter.set()
 
+    def take(self) -> Damage | None:
+        """All the damage gathered so far, or None; never waits."""
+        with self._lock:
+            return self._acc.take()
+
     async def wait(self) -> Damage:
         """Wait until there is damage, take all of it and return it."""
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -421,6 +426,9 @@ class ArraySource(Source):
 
     async def wait_damage(self) -> Damage:
         return await self._damage.wait()
+
+    def take_damage(self) -> Damage | None:
+        return self._damage.take()
 
     def capture(self, damage: Damage) -> Pixels:
         # A fresh copy every time, even though only the damaged rects changed:

@@ -78,6 +78,13 @@ class Source(abc.ABC):
     async def wait_damage(self) -> Damage:
         """Block until something may have changed; return the hint."""
 
+    def take_damage(self) -> Damage | None:
+        """The damage gathered since the last `wait_damage`, without waiting;
+        None if there is none (or the source cannot tell: the default). The
+        framebuffer service calls it after its short deferral, so that a
+        change drawn in several steps is captured once."""
+        return None
+
     @abc.abstractmethod
     def capture(self, damage: Damage) -> Pixels:
         """Return the whole desktop, BGRX (height, width, 4) uint8, as a new

@@ -466,6 +466,9 @@ class DemoSource(Source):
     async def wait_damage(self) -> Damage:
         return await self._damage.wait()
 
+    def take_damage(self) -> Damage | None:
+        return self._damage.take()
+
     def capture(self, damage: Damage) -> Pixels:
         # `damage` is ignored: the mirror tracks what changed since *its* last
         # refresh, which stays right even if the service skips a hint or asks

@@ -176,6 +176,23 @@ class _Libraries:
                 function.argtypes = argtypes
             self.xext = xext
 
+        # XDamageSubtract from the capture connection, so that the damage
+        # is cleared in order with the grab that follows (optional).
+        xdamage_name = ctypes.util.find_library("Xdamage")
+        self.xdamage: ctypes.CDLL | None = None
+        if xdamage_name is not None:
+            xdamage = ctypes.CDLL(xdamage_name)
+            for name, restype, argtypes in (
+                ("XDamageQueryExtension", i, [vp, _c_int_p, _c_int_p]),
+                ("XDamageQueryVersion", i, [vp, _c_int_p, _c_int_p]),
+            ):
+                function = getattr(xdamage, name)
+                function.restype = restype
+                function.argtypes = argtypes
+            xdamage.XDamageSubtract.restype = None
+            xdamage.XDamageSubtract.argtypes = [vp, ul, ul, ul]
+            self.xdamage = xdamage
+
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.shmget.restype, libc.shmget.argtypes = i, [i, ctypes.c_size_t, i]
         libc.shmat.restype, libc.shmat.argtypes = vp, [i, vp, i]
@@ -306,6 +323,21 @@ class ScreenCapture(abc.ABC):
             self._check_open()
             self._grab(rect, out)
 
+    #: Whether `subtract_damage` works on this connection.
+    can_subtract_damage = False
+
+    def subtract_damage(self, damage: int) -> None:
+        """Clear the DAMAGE object `damage` (made by another connection to
+        the same server) on this connection, so that the X server handles it
+        before this connection's next grab: anything drawn after the clear
+        is reported anew, and nothing drawn before it escapes the grab."""
+        with self._lock:
+            self._check_open()
+            self._subtract_damage(damage)
+
+    def _subtract_damage(self, damage: int) -> None:
+        raise NotImplementedError("this capture cannot clear damage")
+
     def capture_screen(self, *, attempts: int = 3) -> Pixels:
         """The whole screen as a new BGRX (height, width, 4) array. Retries
         when the screen changes size between asking for its size and reading
@@ -369,6 +401,22 @@ class _CConnection(ScreenCapture):
             raise UnsupportedDisplay(
                 f"{display}: depth {self._depth}; trivnc captures 24-bit TrueColor screens"
             )
+        self._xdamage = libs.xdamage
+        if self._xdamage is not None:
+            event, error, major, minor = (ctypes.c_int() for _ in range(4))
+            # DAMAGE ignores a client until it has said which version it speaks.
+            self.can_subtract_damage = bool(
+                self._xdamage.XDamageQueryExtension(dpy, ctypes.byref(event), ctypes.byref(error))
+                and self._xdamage.XDamageQueryVersion(dpy, ctypes.byref(major), ctypes.byref(minor))
+                and major.value >= 1
+            )
+
+    def _subtract_damage(self, damage: int) -> None:
+        if not self.can_subtract_damage or self._xdamage is None:
+            raise NotImplementedError("this capture cannot clear damage")
+        # No reply: an error (the damage is gone with its connection) shows
+        # at the next round trip, the grab.
+        self._xdamage.XDamageSubtract(self._dpy, damage, 0, 0)
 
     def _check(self, what: str) -> None:
         """Turn what the error handlers recorded into an exception."""

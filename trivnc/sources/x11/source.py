@@ -131,6 +131,7 @@ class FrameBuffers:
         """A writable buffer holding `prev`'s pixels, into which `damage`
         is about to be grabbed."""
         chosen = None
+        chosen_cost = 0
         for entry in self._pool:
             pixels = entry[0]
             # References when free: the pool's list, the local `pixels` and
@@ -142,8 +143,11 @@ class FrameBuffers:
                 and pixels.flags.owndata
                 and sys.getrefcount(pixels) <= 3
             ):
-                chosen = entry
-                break
+                # The free buffer that is least behind costs the least copying.
+                stale = entry[1]
+                cost = pixels.size if stale is None else sum(r.area for r in stale)
+                if chosen is None or cost < chosen_cost:
+                    chosen, chosen_cost = entry, cost
         if chosen is None:
             frame = prev.copy()
             chosen = [frame, []]
@@ -208,6 +212,9 @@ class X11Source(Source):
         self._capture_lock = threading.Lock()
         self._frame: Pixels | None = None
         self._buffers = FrameBuffers()
+        #: The DAMAGE object that `capture` clears before it grabs, when the
+        #: capture connection can (set on the trio thread, read by capture).
+        self._clear_on_capture: int | None = None
         # Trio-thread state.
         self._xdisplay: Any = None
         self._x_errors: list[Any] = []
@@ -241,6 +248,9 @@ class X11Source(Source):
     async def wait_damage(self) -> Damage:
         return await self._damage.wait()
 
+    def take_damage(self) -> Damage | None:
+        return self._damage.take()
+
     def capture(self, damage: Damage) -> Pixels:
         # Worker thread. Every returned array is new (or the previous one
         # returned again unchanged): the service keeps old frames and reads
@@ -250,6 +260,9 @@ class X11Source(Source):
             screen = self._screen
             if screen is not None and not screen.closed:
                 try:
+                    damage_id = self._clear_on_capture
+                    if damage_id is not None:
+                        screen.subtract_damage(damage_id)
                     self._frame = self._grab(screen, damage)
                 except DisplayGone as exc:
                     log.debug("%s: capture failed: %s", self.display, exc)
@@ -349,13 +362,28 @@ class X11Source(Source):
         # DAMAGE refuses requests from a client that has not said which
         # version it speaks (python-xlib then misreports the error).
         d.damage_query_version()
-        # BoundingBox: the server reports each growth of the changed area and
-        # stays quiet once it is reported, until we subtract; so however busy
-        # the desktop, we get at most a few events per batch we process.
-        damage_id = root.damage_create(damage.DamageReportBoundingBox)
+        # DeltaRectangles where the capture connection can clear the damage
+        # just before each grab: the server reports only area that is not
+        # damaged already, so a video repainting one region sends one event
+        # per capture, and the trio thread sends no request per event.
+        # Otherwise BoundingBox, cleared here after each batch of events: the
+        # server reports each growth of the changed area, then stays quiet
+        # until we subtract.
+        screen = self._screen
+        clear_on_capture = screen is not None and screen.can_subtract_damage
+        damage_id = root.damage_create(
+            damage.DamageReportDeltaRectangles
+            if clear_on_capture
+            else damage.DamageReportBoundingBox
+        )
         d.xrandr_query_version()
         root.xrandr_select_input(randr.RRScreenChangeNotifyMask)
         d.flush()  # python-xlib buffers requests: nothing is selected until sent
+        if clear_on_capture:
+            # Round trip first: the capture connection must not use the
+            # damage before the server has created it.
+            d.sync()
+            self._clear_on_capture = damage_id
         self._screen_changed(*_root_size(root))
 
         lost: Exception | None = None
@@ -365,14 +393,18 @@ class X11Source(Source):
             # Caught in here: escaping the nursery it would arrive at run()
             # wrapped in an ExceptionGroup.
             try:
-                await self._pump(d, root, damage_id)
+                await self._pump(d, root, None if clear_on_capture else damage_id)
             except (xerror.ConnectionClosedError, OSError) as exc:
                 lost = exc
+            finally:
+                self._clear_on_capture = None
             nursery.cancel_scope.cancel()  # the helpers' connections are dead too
         if lost is not None:
             raise lost
 
-    async def _pump(self, d: Any, root: Any, damage_id: int) -> None:
+    async def _pump(self, d: Any, root: Any, damage_id: int | None) -> None:
+        """Turn X events into damage and size changes. `damage_id` is the
+        DAMAGE object to clear after each batch, None when captures clear it."""
         from Xlib import X
 
         damage_event = d.extension_event.DamageNotify
@@ -380,8 +412,9 @@ class X11Source(Source):
         while True:
             damaged = False
             # Drain first: round trips (ours, or set_size's) may already have
-            # read events off the socket into python-xlib's queue.
-            while d.pending_events():
+            # read events off the socket into python-xlib's queue. One
+            # pending_events (a poll of the socket) per batch, not per event.
+            for _ in range(d.pending_events()):
                 event = d.next_event()
                 if event.type == damage_event:
                     area = event.area
@@ -389,7 +422,7 @@ class X11Source(Source):
                     damaged = True
                 elif event.type == screen_event:
                     self._screen_changed(*_root_size(root))
-            if damaged:
+            if damaged and damage_id is not None:
                 d.damage_subtract(damage_id, X.NONE, X.NONE)
                 d.flush()
                 # python-xlib's flush also reads whatever has arrived, so drain
