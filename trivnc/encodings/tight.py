@@ -289,6 +289,15 @@ def _palette(values: U32Array, max_colours: int) -> _Palette | None:
     return _Palette(colours, indices=indices.reshape(values.shape))
 
 
+def _sample_colours(pixels: Pixels) -> int:
+    """Distinct colours (BGR, the pad byte ignored) among about a thousand
+    pixels spread over the rect in both directions."""
+    h, w = pixels.shape[:2]
+    sy, sx = max(1, h // 32), max(1, w // 32)
+    words = pixels[::sy, ::sx].view(np.dtype("<u4"))[..., 0] & np.uint32(0xFFFFFF)
+    return int(np.unique(words).size)
+
+
 def _exact_palette(flat: U32Array, max_colours: int) -> tuple[U32Array, U8Array] | None:
     """(colours, index of each value) if at most max_colours, else None."""
     for multiplier in _HASH_MULTIPLIERS:
@@ -492,6 +501,13 @@ class TightEncoder:
             # A client that asked for greyscale gets every rect as JPEG, as
             # TigerVNC's EncodeManager does: only JPEG can drop the colour.
             return self._jpeg(pixels)
+        if lossy and not s.png_mode and not s.allow_qoi and pf.is_rgb888:
+            # A sample with more colours than a palette may hold settles it
+            # without a pass over every pixel: the rect has at least as many,
+            # so it is neither a fill nor a palette rect, and goes lossy.
+            limit = self._max_colours(pixels.shape[0] * pixels.shape[1], pf)
+            if _sample_colours(pixels) > limit:
+                return self._webp(pixels) if s.allow_webp else self._jpeg(pixels)
         values = self._values(pixels, pf)
         if s.allow_qoi and high_bpp:
             # KasmVNC sends every non-solid rect as QOI once the client takes it.
