@@ -41,6 +41,15 @@ class Rect(NamedTuple):
         x1, y1 = max(self.right, other.right), max(self.bottom, other.bottom)
         return Rect(x0, y0, x1 - x0, y1 - y0)
 
+    def contains(self, other: Rect) -> bool:
+        """Whether every pixel of `other` lies in this rect."""
+        return (
+            self.x <= other.x
+            and self.y <= other.y
+            and other.right <= self.right
+            and other.bottom <= self.bottom
+        )
+
     def slices(self) -> tuple[slice, slice]:
         """Numpy index of this rect in an (h, w, ...) array."""
         return slice(self.y, self.bottom), slice(self.x, self.right)

@@ -159,7 +159,10 @@ class FrameBuffers:
                 np.copyto(frame, prev)
             else:
                 for rect in stale:
-                    frame[rect.slices()] = prev[rect.slices()]
+                    # What the grab is about to overwrite needs no copy (a
+                    # video repainting one area: every frame).
+                    if not any(d.contains(rect) for d in damage):
+                        frame[rect.slices()] = prev[rect.slices()]
             chosen[1] = []
         # Every other buffer is now behind by this damage.
         for entry in self._pool:
