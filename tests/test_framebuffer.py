@@ -59,6 +59,21 @@ def test_changed_tiles_in_hinted_regions_matches_reference(seed: int) -> None:
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("width", [700, 701])
+def test_changed_tiles_mixes_wholly_changed_bands_and_single_pixels(width: int) -> None:
+    # A band where a video plays (found from sampled rows) above bands where
+    # one pixel changed (found only by comparing every row), both widths'
+    # word sizes, and a hint that starts mid-tile.
+    rng = np.random.default_rng(width)
+    a = rng.integers(0, 256, (300, width, 4), np.uint8)
+    b = a.copy()
+    b[10:140] ^= 0x33
+    b[203, 333, 1] ^= 1
+    b[299, width - 1, 0] ^= 1
+    for hint in (Damage(full=True), Damage((Rect(5, 3, width - 5, 297),))):
+        assert np.array_equal(changed_tiles(a, b, hint), reference_tiles(a, b))
+
+
 def test_hints_restrict_the_search() -> None:
     a = np.zeros((256, 256, 4), np.uint8)
     b = a.copy()

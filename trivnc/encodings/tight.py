@@ -263,7 +263,7 @@ def _palette(values: U32Array, max_colours: int) -> _Palette | None:
     # Photos have many colours: a small sample shows it quickly, and the
     # sample's colour count is a lower bound on the rect's.
     step = max(1, flat.size // _SAMPLE_SIZE)
-    sampled = np.unique(flat[::step]).size
+    sampled = _count_distinct(flat[::step])
     if sampled > max_colours:
         return None
     if sampled <= 2:
@@ -294,8 +294,14 @@ def _sample_colours(pixels: Pixels) -> int:
     pixels spread over the rect in both directions."""
     h, w = pixels.shape[:2]
     sy, sx = max(1, h // 32), max(1, w // 32)
-    words = pixels[::sy, ::sx].view(np.dtype("<u4"))[..., 0] & np.uint32(0xFFFFFF)
-    return int(np.unique(words).size)
+    return _count_distinct(pixels[::sy, ::sx].view(np.dtype("<u4"))[..., 0] & np.uint32(0xFFFFFF))
+
+
+def _count_distinct(values: U32Array) -> int:
+    """Distinct values in a small array. Sorting a thousand words is several
+    times faster than np.unique (which hashes, then sorts what it found)."""
+    flat = np.sort(values, axis=None)
+    return int(np.count_nonzero(flat[1:] != flat[:-1])) + 1 if flat.size else 0
 
 
 def _exact_palette(flat: U32Array, max_colours: int) -> tuple[U32Array, U8Array] | None:

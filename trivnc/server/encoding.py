@@ -255,7 +255,8 @@ async def encode_rects(
         return []
     encoder = encoders.encoder(encoding)
     name = ENCODER_NAMES.get(encoding, str(encoding))
-    share = encoders.share_key(encoding)
+    # A viewer alone has no one to share with: skip the cache's bookkeeping.
+    share = encoders.share_key(encoding) if encoders.shared_mode else None
 
     async def batch(todo: list[Rect]) -> list[Payload]:
         payloads, cpu = await trio.to_thread.run_sync(
