@@ -51,8 +51,8 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Encoder throughput against the bare codec calls, one vs ten viewers on
-    the demo desktop, and trivnc beside x11vnc and X0tigervnc on one Xvfb
-    workload (see docs/performance.md)."""
+    the demo desktop, and trivnc beside x11vnc and X0tigervnc on the same Xvfb
+    workloads (see docs/performance.md)."""
     _system_deps(session)
     session.install("-e", ".[test]")
     out = HERE / "bench" / "results"
@@ -60,6 +60,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/encoders.py", "--json", str(out / "encoders.json"))
     session.run("python", "bench/viewers.py", "--json", str(out / "viewers.json"))
     session.run("python", "bench/xvfb_compare.py", "--json", str(out / "xvfb_compare.json"))
+    session.run("python", "bench/x11_workloads.py", "--json", str(out / "x11_workloads.json"))
 
 
 @nox.session
