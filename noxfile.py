@@ -37,6 +37,26 @@ def e2e(session: nox.Session) -> None:
 
 
 @nox.session
+def fuzz(session: nox.Session) -> None:
+    """Coverage-guided fuzzing of the RFB state machine (atheris; seconds as
+    the first argument, default 600), then the fuzz tests with many examples.
+    Failing inputs land in fixtures/fuzz/crashes/."""
+    session.install("-e", ".[test]")
+    session.install("--only-binary=atheris", "atheris==3.0.0")
+    seconds = session.posargs[0] if session.posargs else "600"
+    session.run("python", "tests/fuzz_protocol.py", "--seconds", seconds)
+    session.run(
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_fuzz_protocol.py",
+        "tests/test_fuzz_regression.py",
+        "tests/test_fuzz_network.py",
+        env={"TRIVNC_FUZZ_EXAMPLES": "10000"},
+    )
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
     session.run("ruff", "check", "trivnc", "tests", "bench", "noxfile.py")

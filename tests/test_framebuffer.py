@@ -128,3 +128,24 @@ async def test_service_versions_and_damage_history() -> None:
         assert service.damage_since(0) is not None
         nursery.cancel_scope.cancel()
     assert published == [1, 2]
+
+
+async def test_a_change_drawn_in_steps_within_the_deferral_is_one_frame() -> None:
+    source = ArraySource.from_array(np.zeros((256, 256, 4), np.uint8))
+    service = FramebufferService(source, defer_update=0.2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await trio.sleep(0.1)  # a quiet spell: the service waits for damage
+        source.pixels[0:10, 0:10] = 1
+        source.mark_changed(Rect(0, 0, 10, 10))
+        await trio.sleep(0.05)  # the application is still drawing its frame
+        source.pixels[200:210, 200:210] = 2
+        source.mark_changed(Rect(200, 200, 10, 10))
+        with trio.fail_after(5):
+            while service.latest is None or service.latest.version < 2:
+                await trio.sleep(0.01)
+        await trio.sleep(0.3)
+        latest = service.latest
+        assert latest is not None and latest.version == 2  # one capture for both steps
+        assert latest.pixels[5, 5, 0] == 1 and latest.pixels[205, 205, 0] == 2
+        nursery.cancel_scope.cancel()

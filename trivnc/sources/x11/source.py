@@ -112,7 +112,10 @@ class FrameBuffers:
     buffer was last written, before the new damage is grabbed into it.
     """
 
-    MAX_BUFFERS = 3
+    #: The frame being filled, the latest one (the service's), the one a
+    #: viewer is still encoding and one spare: with fewer, a busy pipeline
+    #: allocates (and the kernel zeroes) a new frame every time.
+    MAX_BUFFERS = 4
     MAX_STALE_RECTS = 64
 
     def __init__(self) -> None:
