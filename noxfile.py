@@ -81,6 +81,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/viewers.py", "--json", str(out / "viewers.json"))
     session.run("python", "bench/xvfb_compare.py", "--json", str(out / "xvfb_compare.json"))
     session.run("python", "bench/x11_workloads.py", "--json", str(out / "x11_workloads.json"))
+    session.run("python", "bench/load.py", "--json", str(out / "load.json"))
 
 
 @nox.session

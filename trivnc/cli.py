@@ -76,7 +76,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-frame-rate", metavar="N", type=float, help="frames per second at most (default 60)"
     )
+    p.add_argument(
+        "--defer-update",
+        metavar="MS",
+        type=float,
+        help="wait this long after a change before capturing (default 4)",
+    )
     p.add_argument("--desktop-name", metavar="NAME", help="name shown by viewers")
+    p.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=int,
+        help="RFB connections (TCP and WebSocket) open at once, 0 for no limit (default 100)",
+    )
+    p.add_argument(
+        "--max-connections-per-user",
+        metavar="N",
+        type=int,
+        help="connections one user may have open at once, 0 for no limit (default 0)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        metavar="S",
+        type=float,
+        help="seconds a client has to finish the handshake (default 10)",
+    )
+    p.add_argument(
+        "--send-timeout",
+        metavar="S",
+        type=float,
+        help="disconnect a client that accepts no data for this long (default 30)",
+    )
+    p.add_argument(
+        "--no-tls",
+        action="store_true",
+        help="plain HTTP and WebSocket on the web port (loopback addresses only)",
+    )
     p.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
     )
@@ -121,6 +156,17 @@ def config_from_args(args: argparse.Namespace, command: list[str] | None = None)
         values["desktop_name"] = args.desktop_name
     if args.web_root:
         values["web_root"] = Path(args.web_root)
+    for name in (
+        "defer_update",
+        "max_connections",
+        "max_connections_per_user",
+        "handshake_timeout",
+        "send_timeout",
+    ):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.no_tls:
+        values["no_tls"] = True
     config = Config(**values)
     config.validate()
     return config
@@ -146,9 +192,10 @@ async def _run(config: Config) -> None:
                 " (shown once; change it with `trivnc passwd`)",
                 flush=True,
             )
+        scheme = "http" if config.no_tls else "https"
         for host, port in server.web_addresses:
             shown = f"[{host}]" if ":" in host else host
-            print(f"trivnc: browsers open https://{shown}:{port}/", flush=True)
+            print(f"trivnc: browsers open {scheme}://{shown}:{port}/", flush=True)
         for host, port in server.rfb_addresses:
             shown = f"[{host}]" if ":" in host else host
             print(

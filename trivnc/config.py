@@ -47,7 +47,28 @@ class Config:
     vnc_password_file: Path | None = None
     desktop_name: str | None = None
     max_frame_rate: float = 60.0
+    #: Milliseconds to wait after the first change of a quiet spell before
+    #: capturing (Xvnc's DeferUpdate), so that a frame an application draws
+    #: in several steps is captured and sent once.
+    defer_update: float = 4.0
+    #: Seconds a client has to finish the RFB handshake (TLS included; on the
+    #: web port also the TLS handshake before HTTP).
     handshake_timeout: float = 10.0
+    #: RFB connections open at once, TCP and WebSocket together, counted from
+    #: accept (so connections still in the handshake count); 0 is no limit.
+    max_connections: int = 100
+    #: Connections one user (VeNCrypt user name or HTTP Basic user) may have
+    #: open at once; 0 is no limit.
+    max_connections_per_user: int = 0
+    #: A client that accepts no bytes for this many seconds while the server
+    #: has output for it is disconnected.
+    send_timeout: float = 30.0
+    #: Bytes of control messages and protocol replies a session may hold for a
+    #: client that is not reading; beyond it the server stops reading from the
+    #: client, and a client over it for send_timeout seconds is disconnected.
+    output_buffer_limit: int = 1 << 20
+    #: Serve plain HTTP and WebSocket on the web port (loopback addresses only).
+    no_tls: bool = False
     measure_interval: float = 1.0
     clipboard_max_size: int = 1024 * 1024
     #: Worker threads for capture and encoding (default: one per core).
@@ -79,6 +100,21 @@ class Config:
             raise ConfigError("both ports are off: nothing to serve")
         if not 0 < self.max_frame_rate <= 240:
             raise ConfigError("max_frame_rate must be between 0 and 240")
+        if not 0 <= self.defer_update <= 1000:
+            raise ConfigError("defer_update must be between 0 and 1000 ms")
+        if self.handshake_timeout <= 0 or self.send_timeout <= 0:
+            raise ConfigError("handshake_timeout and send_timeout must be positive")
+        if self.max_connections < 0 or self.max_connections_per_user < 0:
+            raise ConfigError("connection limits must be 0 (no limit) or more")
+        if self.output_buffer_limit < 65536:
+            raise ConfigError("output_buffer_limit must be at least 65536 bytes")
+        if self.no_tls and self.web_port is not None:
+            remote = [a for a in self.listen if not is_loopback(a)]
+            if remote:
+                raise ConfigError(
+                    f"--no-tls refused: {', '.join(remote)} is not a loopback address, and "
+                    "passwords and the desktop would cross the network unencrypted"
+                )
         w, h = self.geometry
         if not (16 <= w <= 16384 and 16 <= h <= 16384):
             raise ConfigError(f"geometry {w}x{h} out of range (16..16384)")
@@ -133,6 +169,7 @@ _FILE_KEYS: dict[str, Any] = {
     "insecure_no_auth": bool,
     "rfbauth": Path,
     "max_frame_rate": float,
+    "defer_update": float,
     "desktop_name": str,
     "display": str,
     "xvfb": parse_size,
@@ -140,6 +177,12 @@ _FILE_KEYS: dict[str, Any] = {
     "cert": Path,
     "key": Path,
     "web_root": Path,
+    "handshake_timeout": float,
+    "max_connections": int,
+    "max_connections_per_user": int,
+    "send_timeout": float,
+    "output_buffer_limit": int,
+    "no_tls": bool,
 }
 _RENAMED = {"rfbauth": "vnc_password_file", "users": "users_file"}
 

@@ -4,11 +4,10 @@
 # trivnc's own nursery (libraries-measured.md section 4).
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import mimetypes
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from quart_trio import QuartTrio
 
 from ..rfb.connection import SecurityConfig, ServerConnection
 from .backend import ApiBackend, ApiUser
+from .blueprint import authenticate, parse_basic_credentials
 from .stream import WebSocketStream
 
 if TYPE_CHECKING:
@@ -44,25 +44,18 @@ def find_web_root(configured: Path | None) -> Path | None:
 
 
 def parse_basic(header: str | None) -> tuple[str, str] | None:
-    """Credentials from an Authorization header, or None if absent or malformed."""
-    if not header or len(header) > MAX_CREDENTIALS:
-        return None
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    name, sep, password = decoded.partition(":")
-    return (name, password) if sep else None
+    """Credentials from an Authorization header, or None if absent or
+    malformed (the developer API's parser: non-ASCII base64, non-UTF-8
+    credentials, an empty user name or an overlong header are all None,
+    never an exception)."""
+    return parse_basic_credentials(header)
 
 
 def _unauthorized(reason: str = "authentication required") -> Response:
     return Response(reason + "\n", 401, {"WWW-Authenticate": REALM, "Content-Type": "text/plain"})
 
 
-def _authenticate(backend: ApiBackend, header: str | None, peer: str) -> ApiUser | Response:
+async def _authenticate(backend: ApiBackend, header: str | None, peer: str) -> ApiUser | Response:
     wait = backend.login_blocked(peer)
     if wait > 0:
         return Response(
@@ -73,7 +66,7 @@ def _authenticate(backend: ApiBackend, header: str | None, peer: str) -> ApiUser
     creds = parse_basic(header)
     if creds is None:
         return _unauthorized()
-    user = backend.authenticate(creds[0], creds[1], peer)
+    user = await authenticate(backend, creds[0], creds[1], peer)
     if user is None:
         return _unauthorized("wrong user name or password")
     return user
@@ -92,7 +85,7 @@ def create_app(context: ServerContext, backend: ApiBackend, web_root: Path | Non
     async def rfb_over_websocket() -> Response | None:
         peer = websocket.remote_addr or "unknown"
         auth = websocket.headers.get("Authorization")
-        user = _authenticate(backend, auth, peer)
+        user = await _authenticate(backend, auth, peer)
         if isinstance(user, Response):
             return user
         if not user.read:
@@ -100,14 +93,26 @@ def create_app(context: ServerContext, backend: ApiBackend, web_root: Path | Non
         offered = websocket.requested_subprotocols
         if offered and "binary" not in offered:
             return Response("only binary WebSocket frames are supported\n", 400)
-        await websocket.accept(subprotocol="binary" if "binary" in offered else None)
-        stream = WebSocketStream(websocket._get_current_object())  # type: ignore[attr-defined]
-        # HTTP Basic already authenticated the user: RFB security is None
-        # (as in KasmVNC), and the session carries the user's permissions.
-        conn = ServerConnection(
-            SecurityConfig(allow_none=True), clipboard_max_size=context.config.clipboard_max_size
-        )
-        await context.run_session(stream, conn, f"{peer}:ws", user=user, transport="websocket")
+        # Connection limits, before the upgrade: the reason in a 503.
+        refusal = context.connection_refusal(user.name)
+        if refusal is not None:
+            context.log_refusal(f"{peer}:ws", refusal)
+            return Response(
+                refusal + "\n", 503, {"Content-Type": "text/plain", "Retry-After": "10"}
+            )
+        context.open_connection(user.name)
+        try:
+            await websocket.accept(subprotocol="binary" if "binary" in offered else None)
+            stream = WebSocketStream(websocket._get_current_object())  # type: ignore[attr-defined]
+            # HTTP Basic already authenticated the user: RFB security is None
+            # (as in KasmVNC), and the session carries the user's permissions.
+            conn = ServerConnection(
+                SecurityConfig(allow_none=True),
+                clipboard_max_size=context.config.clipboard_max_size,
+            )
+            await context.run_session(stream, conn, f"{peer}:ws", user=user, transport="websocket")
+        finally:
+            context.close_connection(user.name)
         return None
 
     @app.route("/")
@@ -139,7 +144,7 @@ def create_app(context: ServerContext, backend: ApiBackend, web_root: Path | Non
     async def require_login() -> Response | None:
         if request.path.startswith("/api/"):
             return None  # the blueprint answers for itself (owner checks)
-        user = _authenticate(
+        user = await _authenticate(
             backend, request.headers.get("Authorization"), request.remote_addr or ""
         )
         if isinstance(user, Response):
@@ -158,13 +163,39 @@ async def serve_web(
     cert: Path,
     key: Path,
     *,
+    tls: bool = True,
+    handshake_timeout: float = 10.0,
+    send_timeout: float = 30.0,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run hypercorn for `app` until cancelled; reports the bound addresses."""
+    """Run hypercorn for `app` until cancelled; reports the bound addresses.
+    `tls=False` serves plain HTTP (the caller checks the addresses are
+    loopback). The TLS handshake must finish within `handshake_timeout`; a
+    peer that accepts no data for `send_timeout` is dropped by the kernel
+    (TCP_USER_TIMEOUT on the listening sockets, which hypercorn is handed as
+    file descriptors), since hypercorn's socket writes cannot be cancelled."""
+    from ..server.server import set_user_timeout
+
     config = HypercornConfig()
-    config.bind = [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts]
-    config.certfile = os.fspath(cert)
-    config.keyfile = os.fspath(key)
+    sockets: list[socket.socket] = []
+    try:
+        for h in hosts:
+            sock = socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_user_timeout(sock, send_timeout)
+            sock.bind((h, port))
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    # hypercorn adopts the descriptors (and closes them).
+    config.bind = [f"fd://{sock.detach()}" for sock in sockets]
+    if tls:
+        config.certfile = os.fspath(cert)
+        config.keyfile = os.fspath(key)
+    config.ssl_handshake_timeout = handshake_timeout
     config.websocket_max_message_size = 1 << 24
     config.accesslog = None
     config.errorlog = logging.getLogger("trivnc.web.hypercorn")

@@ -4,8 +4,9 @@
 # trivnc/api/server_backend.py).
 from __future__ import annotations
 
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 class ApiError(Exception):
@@ -38,9 +39,14 @@ class ApiBackend(Protocol):
 
     # -- auth (also used for the page and the WebSocket) --------------------------------
 
-    def authenticate(self, username: str, password: str, peer: str) -> ApiUser | None:
+    def authenticate(
+        self, username: str, password: str, peer: str
+    ) -> ApiUser | Awaitable[ApiUser | None] | None:
         """The user if the credentials are right; None otherwise (the caller
-        answers 401). Implementations rate-limit failures per `peer`."""
+        answers 401). Implementations rate-limit failures per `peer`, do the
+        same work for an unknown name as for a wrong password, and should be
+        `async def` and hash in a worker thread (a plain method that returns
+        the answer works too, but blocks the event loop while it hashes)."""
         ...
 
     def login_blocked(self, peer: str) -> float:
@@ -90,3 +96,29 @@ class ApiBackend(Protocol):
     def remove_user(self, name: str) -> None: ...
 
     def get_sessions(self) -> list[ApiSession]: ...
+
+
+@dataclass(frozen=True)
+class ApiUserChange:
+    """One entry of a bulk POST to create_user, update_user or remove_user.
+    `create` inserts or replaces; `update` sets all three flags and the
+    password if given; `remove` needs only the name."""
+
+    action: Literal["create", "update", "remove"]
+    name: str
+    password: str | None = None
+    read: bool = False
+    write: bool = False
+    owner: bool = False
+
+
+@runtime_checkable
+class BulkUserBackend(Protocol):
+    """Optional: a backend that applies a bulk user change as one
+    transaction. The blueprint uses it when the backend has it, so that an
+    entry the backend refuses (a short password, say) leaves every user as
+    it was; without it the entries are applied one by one."""
+
+    def apply_user_changes(self, changes: Sequence[ApiUserChange]) -> None:
+        """Apply all of `changes` or, raising ApiError, none."""
+        ...

@@ -16,19 +16,26 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import json
 import math
 import re
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import quart
 import trio
 from quart import Blueprint, Response, request
 from werkzeug.datastructures import MultiDict
 
-from trivnc.api.backend import ApiBackend, ApiError, ApiUser
+from trivnc.api.backend import ApiBackend, ApiError, ApiUser, ApiUserChange, BulkUserBackend
 
-__all__ = ["API_PREFIX", "BLUEPRINT_NAME", "api_blueprint", "openapi_document"]
+__all__ = [
+    "API_PREFIX",
+    "BLUEPRINT_NAME",
+    "api_blueprint",
+    "authenticate",
+    "openapi_document",
+]
 
 API_PREFIX: Final = "/api"
 BLUEPRINT_NAME: Final = "trivnc_api"
@@ -83,6 +90,16 @@ def parse_basic_credentials(header: str | None) -> tuple[str, str] | None:
     if not colon or not username:
         return None
     return username, password
+
+
+async def authenticate(
+    backend: ApiBackend, username: str, password: str, peer: str
+) -> ApiUser | None:
+    """`backend.authenticate`, awaited if the backend's is async."""
+    result = backend.authenticate(username, password, peer)
+    if inspect.isawaitable(result):
+        return await result
+    return result
 
 
 def _quote(value: str) -> str:
@@ -256,7 +273,7 @@ def api_blueprint(backend: ApiBackend) -> Blueprint:
         credentials = parse_basic_credentials(request.headers.get("Authorization"))
         if credentials is None:
             return _challenge("authentication required")
-        user = backend.authenticate(credentials[0], credentials[1], peer)
+        user = await authenticate(backend, credentials[0], credentials[1], peer)
         if user is None:
             return _challenge("wrong user name or password")
         if not user.owner:
@@ -341,9 +358,13 @@ def api_blueprint(backend: ApiBackend) -> Blueprint:
     @bp.post("/create_user")
     async def create_users() -> Response:
         entries = await _read_bulk("create_user")
-        # All or nothing: everything that can be checked is checked above,
-        # and the backend calls below are synchronous, so no other request
-        # interleaves with them.
+        if isinstance(backend, BulkUserBackend):
+            # All or nothing, including what only the backend can check
+            # (password rules): one transaction.
+            _apply(backend, "create", entries)
+            return _text("OK")
+        # Everything that can be checked is checked above, and the backend
+        # calls below are synchronous, so no other request interleaves.
         for entry in entries:
             backend.create_user(
                 entry["user"],
@@ -373,6 +394,9 @@ def api_blueprint(backend: ApiBackend) -> Blueprint:
     async def update_users() -> Response:
         entries = await _read_bulk("update_user")
         _require_existing(backend, entries)
+        if isinstance(backend, BulkUserBackend):
+            _apply(backend, "update", entries)
+            return _text("OK")
         for entry in entries:
             # The bulk form states each user's whole permission set (missing
             # flag = false, as KasmVNC), and the password only when given.
@@ -394,6 +418,9 @@ def api_blueprint(backend: ApiBackend) -> Blueprint:
     async def remove_users() -> Response:
         entries = await _read_bulk("remove_user")
         _require_existing(backend, entries)
+        if isinstance(backend, BulkUserBackend):
+            _apply(backend, "remove", entries)
+            return _text("OK")
         for entry in entries:
             backend.remove_user(entry["user"])
         return _text("OK")
@@ -403,6 +430,28 @@ def api_blueprint(backend: ApiBackend) -> Blueprint:
         return _json(openapi_document())
 
     return bp
+
+
+def _apply(
+    backend: BulkUserBackend,
+    action: Literal["create", "update", "remove"],
+    entries: list[dict[str, Any]],
+) -> None:
+    """A checked bulk list (see _read_bulk) as one transaction; missing
+    flags are false, as in KasmVNC."""
+    backend.apply_user_changes(
+        [
+            ApiUserChange(
+                action,
+                entry["user"],
+                entry.get("password"),
+                read=entry.get("read", False),
+                write=entry.get("write", False),
+                owner=entry.get("owner", False),
+            )
+            for entry in entries
+        ]
+    )
 
 
 def _require_existing(backend: ApiBackend, entries: list[dict[str, Any]]) -> None:

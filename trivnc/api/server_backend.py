@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +14,8 @@ from imagecodecs import JPEG8
 
 from ..rfb.constants import JPEG_QUALITY_TABLE, Subsampling
 from ..server.ratelimit import LoginRateLimiter
-from ..server.users import User, UserStore, UserStoreError
-from .backend import ApiError, ApiSession, ApiUser
+from ..server.users import User, UserChange, UserStore, UserStoreError
+from .backend import ApiError, ApiSession, ApiUser, ApiUserChange
 
 if TYPE_CHECKING:
     from ..server.server import ServerContext
@@ -37,20 +37,29 @@ class ServerBackend:
     ) -> None:
         self.context = context
         self.users = users
-        self.limiter = limiter or LoginRateLimiter()
+        # Not `limiter or ...`: an empty limiter is falsy (it has __len__), and
+        # the web port must share the RFB port's limiter, not get its own.
+        self.limiter = limiter if limiter is not None else LoginRateLimiter()
         self._frame_stats_busy = False
         self._last_screenshot: tuple[int, int, int, int] | None = None
 
     # -- auth ---------------------------------------------------------------------------
 
-    def authenticate(self, username: str, password: str, peer: str) -> ApiUser | None:
-        self.users.reload_if_changed()
-        user = self.users.verify(username, password)
-        if user is None:
-            self.limiter.failure(peer)
-            return None
-        self.limiter.success(peer)
-        return _api_user(user)
+    async def authenticate(self, username: str, password: str, peer: str) -> ApiUser | None:
+        # Attempts from one address take turns (see LoginRateLimiter.attempt),
+        # and the limit is checked again once it is this one's turn.
+        async with self.limiter.attempt(peer):
+            if self.limiter.blocked(peer) > 0:
+                return None
+            # On the trio thread: the change callbacks touch open sessions.
+            self.users.reload_if_changed()
+            # SHA-256-crypt takes milliseconds: not on the event loop.
+            user = await trio.to_thread.run_sync(self.users.verify, username, password)
+            if user is None:
+                self.limiter.failure(peer)
+                return None
+            self.limiter.success(peer)
+            return _api_user(user)
 
     def login_blocked(self, peer: str) -> float:
         return self.limiter.blocked(peer)
@@ -184,6 +193,16 @@ class ServerBackend:
     def remove_user(self, name: str) -> None:
         with _as_api_error():
             self.users.remove(name)
+
+    def apply_user_changes(self, changes: Sequence[ApiUserChange]) -> None:
+        """A bulk POST as one write of the users file: all or nothing."""
+        with _as_api_error():
+            self.users.apply(
+                [
+                    UserChange(c.action, c.name, c.password, c.read, c.write, c.owner)
+                    for c in changes
+                ]
+            )
 
     def get_sessions(self) -> list[ApiSession]:
         return [

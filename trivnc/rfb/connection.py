@@ -410,6 +410,20 @@ class ServerConnection:
         self._fail(exc)
         return exc
 
+    def refuse(self, reason: str) -> None:
+        """Turn the client away before the handshake (the server is full):
+        after the ProtocolVersion already queued, an empty security-types list
+        and the reason (RFC 6143 section 7.1.2), which RFB 3.7 and 3.8
+        clients read once they have sent their version; an RFB 3.3 client
+        sees a failure without a readable reason. The connection enters ERROR."""
+        self._raise_if_error()
+        if self.state != State.VERSION:
+            raise LocalProtocolError(f"refuse() in state {self.state.name}")
+        reason_b = reason.encode()
+        self._outgoing += b"\x00" + struct.pack(">I", len(reason_b)) + reason_b
+        self.state = State.ERROR
+        self._error = LocalProtocolError(f"refused: {reason}")
+
     def _read_client_init(self) -> ev.Event | None:
         data = self._buffer.take(1)
         if data is None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+
+import trio
 
 __all__ = ["LoginRateLimiter", "peer_key"]
 
@@ -46,7 +49,14 @@ class LoginRateLimiter:
 
     At most `max_tracked` addresses are remembered; past that the one whose
     last failure is oldest is forgotten, so a flood of addresses costs bounded
-    memory. The limiter is not thread-safe: use it from the trio thread."""
+    memory. The limiter is not thread-safe: use it from the trio thread.
+
+    Checking a password takes a worker thread a few milliseconds, so
+    attempts that arrive together would all pass `blocked` before the first
+    failure is counted. Callers therefore check inside `attempt(addr)`,
+    which lets one attempt per address run at a time: the sixth of twenty
+    simultaneous wrong guesses finds the address blocked, as if they had
+    come one after another."""
 
     def __init__(
         self,
@@ -65,6 +75,9 @@ class LoginRateLimiter:
         self._clock = clock
         # Ordered by last failure, oldest first.
         self._peers: OrderedDict[str, _PeerState] = OrderedDict()
+        # Per address: the lock of `attempt` and how many tasks hold or wait
+        # for it (the entry goes when none do, so idle addresses cost nothing).
+        self._attempts: dict[str, tuple[trio.Lock, list[int]]] = {}
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -100,3 +113,22 @@ class LoginRateLimiter:
 
     def success(self, addr: str) -> None:
         self._peers.pop(peer_key(addr), None)
+
+    @asynccontextmanager
+    async def attempt(self, addr: str) -> AsyncIterator[None]:
+        """Hold this while checking `blocked`, verifying a password and
+        reporting `failure` or `success`: attempts from one address (one
+        `peer_key`) take turns, so concurrency cannot outrun the limit."""
+        key = peer_key(addr)
+        entry = self._attempts.get(key)
+        if entry is None:
+            entry = self._attempts[key] = (trio.Lock(), [0])
+        lock, holders = entry
+        holders[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            holders[0] -= 1
+            if not holders[0]:
+                del self._attempts[key]

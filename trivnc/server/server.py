@@ -8,9 +8,12 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -19,8 +22,9 @@ from ..api.backend import ApiUser
 from ..config import Config
 from ..framebuffer.service import FramebufferService
 from ..rfb import events as ev
-from ..rfb.connection import SecurityConfig, ServerConnection
-from ..rfb.constants import VeNCryptSubtype
+from ..rfb.connection import SecurityConfig, ServerConnection, State
+from ..rfb.constants import SecurityType, VeNCryptSubtype
+from ..rfb.errors import AuthenticationFailed
 from ..sources.base import CursorImage, Source
 from ..tlsconfig import ensure_self_signed, server_ssl_context, state_dir
 from .encoding import EncodeCache
@@ -52,6 +56,65 @@ class ServerContext:
     users: UserStore | None = None
     ssl_context: ssl.SSLContext | None = None
     login_limiter: LoginRateLimiter = field(default_factory=LoginRateLimiter)
+    #: Every session from its start, the ones still in the handshake too (a
+    #: user's rights may change before the handshake ends).
+    all_sessions: set[ClientSession] = field(default_factory=set)
+    #: RFB connections open (TCP and WebSocket), from accept to close: the
+    #: ones still in the handshake count too.
+    connections: int = 0
+    #: Open connections per authenticated user.
+    user_connections: Counter[str] = field(default_factory=Counter)
+    #: Connections turned away because of a limit, and when that was last logged.
+    refused: int = 0
+    _refusal_logged: float = 0.0
+    #: Refusals still waiting for the client's version before closing.
+    _refusals_lingering: int = 0
+
+    # -- connection limits ---------------------------------------------------------------
+
+    @property
+    def pending_handshakes(self) -> int:
+        """Open connections that have not finished the handshake."""
+        return max(0, self.connections - len(self.sessions))
+
+    def connection_refusal(self, user: str | None = None) -> str | None:
+        """Why one more connection (of `user`, if given) is refused, or None."""
+        limit = self.config.max_connections
+        if limit and self.connections >= limit:
+            return f"too many connections: this server accepts at most {limit}"
+        if user is not None:
+            return self.user_refusal(user)
+        return None
+
+    def user_refusal(self, user: str) -> str | None:
+        limit = self.config.max_connections_per_user
+        if limit and self.user_connections[user] >= limit:
+            return f"too many connections for user {user!r}: at most {limit} at once"
+        return None
+
+    def open_connection(self, user: str | None = None) -> None:
+        self.connections += 1
+        if user is not None:
+            self.user_connections[user] += 1
+
+    def close_connection(self, user: str | None = None) -> None:
+        self.connections -= 1
+        if user is not None:
+            self.release_user(user)
+
+    def release_user(self, user: str) -> None:
+        self.user_connections[user] -= 1
+        if self.user_connections[user] <= 0:
+            del self.user_connections[user]
+
+    def log_refusal(self, peer: str, reason: str) -> None:
+        """Every refusal at info level; a warning at most every ten seconds."""
+        self.refused += 1
+        log.info("%s: refused: %s", peer, reason)
+        now = time.monotonic()
+        if now - self._refusal_logged >= 10:
+            self._refusal_logged = now
+            log.warning("refusing connections: %s (%d refused so far)", reason, self.refused)
 
     # -- SourceListener: what the desktop says besides pixels ---------------------------
 
@@ -90,20 +153,35 @@ class ServerContext:
         if self.users is None:
             session.conn.reject_credentials("no users are configured")
             return
-        if self.login_limiter.blocked(host) > 0:
-            session.conn.reject_credentials("too many failed logins; try later")
-            return
         store = self.users
-        user = await trio.to_thread.run_sync(store.verify, event.username, event.password)
-        if user is None:
-            self.login_limiter.failure(host)
-            session.conn.reject_credentials("wrong user name or password")
-            return
-        self.login_limiter.success(host)
-        if not user.permissions.can_view:
+        # One attempt per address at a time, so that simultaneous guesses
+        # cannot all pass the check before the first failure counts.
+        async with self.login_limiter.attempt(host):
+            if self.login_limiter.blocked(host) > 0:
+                session.conn.reject_credentials("too many failed logins; try later")
+                return
+            store.reload_if_changed()  # `trivnc passwd` may have changed the file
+            user = await trio.to_thread.run_sync(store.verify, event.username, event.password)
+            if user is None:
+                self.login_limiter.failure(host)
+                session.conn.reject_credentials("wrong user name or password")
+                return
+            self.login_limiter.success(host)
+        # The rights as they are now: the API may have changed them while
+        # the password was being checked.
+        current = store.get(user.name)
+        if current is None or not current.permissions.can_view:
             session.conn.reject_credentials("this user may not view the desktop")
             return
-        session.can_write = user.permissions.can_input
+        refusal = self.user_refusal(user.name)
+        if refusal is not None:
+            self.log_refusal(session.peer, refusal)
+            session.conn.reject_credentials(refusal)
+            return
+        # Held until the session ends (run_session releases it).
+        self.user_connections[user.name] += 1
+        session.user_slot = user.name
+        session.can_write = current.permissions.can_input
         session.conn.accept_credentials()
 
     async def start_tls(self, stream: trio.abc.Stream) -> trio.abc.Stream:
@@ -117,8 +195,9 @@ class ServerContext:
         """A user was changed through the API or the file: open connections
         of that user lose what they may no longer do, at once."""
         user = self.users.get(name) if self.users is not None else None
-        for session in list(self.sessions):
-            if session.username != name:
+        for session in list(self.all_sessions):
+            # user_slot: a VeNCrypt login accepted, handshake not finished.
+            if name not in (session.username, session.user_slot):
                 continue
             if user is None or not user.permissions.can_view:
                 session.close(f"user {name!r} was removed or lost read permission")
@@ -147,7 +226,37 @@ class ServerContext:
         )
         if user is not None:
             session.username = user.name
-        await session.run()
+            # The rights as they are now, not as they were at login.
+            current = self.users.get(user.name) if self.users is not None else None
+            if self.users is not None and (current is None or not current.permissions.can_view):
+                log.info("%s: user %r was removed or lost read permission", peer, user.name)
+                await trio.aclose_forcefully(stream)
+                return
+            if current is not None:
+                session.can_write = current.permissions.can_input
+        host = peer.rsplit(":", 1)[0]
+        vnc_auth = transport == "tcp" and self.security.vnc_password is not None
+        if vnc_auth and not self.security.allow_none and self.login_limiter.blocked(host) > 0:
+            # VNC authentication is checked inside the protocol state
+            # machine, so a blocked address is turned away before it can try.
+            conn.refuse("too many failed logins; try later")
+            with trio.move_on_after(1), suppress(trio.BrokenResourceError, OSError):
+                await stream.send_all(conn.data_to_send())
+            await trio.aclose_forcefully(stream)
+            return
+        self.all_sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.all_sessions.discard(session)
+            if session.user_slot is not None:
+                self.release_user(session.user_slot)
+            if vnc_auth and conn.security_type == SecurityType.VNC_AUTH:
+                # The web port's and VeNCrypt's limit, for VNC passwords too.
+                if isinstance(conn.error, AuthenticationFailed):
+                    self.login_limiter.failure(host)
+                elif conn.state in _PAST_SECURITY:
+                    self.login_limiter.success(host)
 
     def disconnect_others(self, keep: ClientSession) -> None:
         """A non-shared ClientInit: everyone else goes (RFC 6143 section 7.3.1)."""
@@ -248,7 +357,12 @@ async def serve(
     async with _desktop(config) as (source, session_over):
         if config.desktop_name:
             source.name = config.desktop_name
-        service = FramebufferService(source, max_frame_rate=config.max_frame_rate, limiter=limiter)
+        service = FramebufferService(
+            source,
+            max_frame_rate=config.max_frame_rate,
+            defer_update=config.defer_update / 1000,
+            limiter=limiter,
+        )
         context = ServerContext(
             config, source, service, limiter, security, users=users, ssl_context=ssl_context
         )
@@ -258,11 +372,15 @@ async def serve(
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_when_source_ends, context, scope, session_over)
+                if users is not None:
+                    nursery.start_soon(_watch_users_file, users)
                 await nursery.start(service.run)
                 listeners: list[trio.SocketListener] = []
                 if config.rfb_port is not None:
                     for host in config.listen:
                         listeners += await trio.open_tcp_listeners(config.rfb_port, host=host)
+                for listener in listeners:
+                    set_user_timeout(listener.socket, config.send_timeout)
                 addresses = [_address(listener) for listener in listeners]
 
                 async def handle(stream: trio.SocketStream) -> None:
@@ -279,7 +397,17 @@ async def serve(
                     backend = ServerBackend(context, users, context.login_limiter)
                     app = create_app(context, backend, config.web_root)
                     web = await nursery.start(
-                        serve_web, app, config.listen, config.web_port, cert, key
+                        partial(
+                            serve_web,
+                            app,
+                            config.listen,
+                            config.web_port,
+                            cert,
+                            key,
+                            tls=not config.no_tls,
+                            handshake_timeout=config.handshake_timeout,
+                            send_timeout=config.send_timeout,
+                        )
                     )
                 task_status.started(Server(context, addresses, scope, web, created, cert))
 
@@ -322,6 +450,21 @@ async def _desktop(config: Config) -> AsyncIterator[tuple[Source, trio.Event | N
         yield DemoSource(*config.geometry), None
 
 
+_PAST_SECURITY = (State.CLIENT_INIT, State.SERVER_INIT_PENDING, State.NORMAL)
+
+#: How often the users file is checked for changes made outside the server.
+USERS_FILE_POLL = 1.0
+
+
+async def _watch_users_file(users: UserStore) -> None:
+    """Notice `trivnc passwd` (or an editor) changing the users file while
+    connections are open: a stat a second, a reload when it changed, and
+    the change callbacks take rights away from open sessions."""
+    while True:
+        await trio.sleep(USERS_FILE_POLL)
+        users.reload_if_changed()
+
+
 async def _stop_when_source_ends(
     context: ServerContext, scope: trio.CancelScope, ended_by: trio.Event | None
 ) -> None:
@@ -349,6 +492,30 @@ def _address(listener: trio.SocketListener) -> tuple[str, int]:
     return str(host), int(port)
 
 
+def set_user_timeout(sock: trio.socket.SocketType | socket.socket, seconds: float) -> None:
+    """TCP_USER_TIMEOUT (Linux): the kernel drops a connection whose peer has
+    acknowledged nothing, or kept its receive window shut, for the send
+    timeout (plus USER_TIMEOUT_MARGIN, so that the session's own timeout and
+    its clearer reason normally come first) while data waits to go. Accepted
+    sockets inherit it from the listener. It ends the sends the application
+    cannot cancel (hypercorn shields its socket writes)."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is None:
+        return
+    with suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, option, int((seconds + USER_TIMEOUT_MARGIN) * 1000))
+
+
+USER_TIMEOUT_MARGIN = 2.0
+
+
+#: Refusals that wait for the client's version before closing (so that the
+#: close does not reset the connection under the reason); beyond it a refusal
+#: closes at once.
+MAX_LINGERING_REFUSALS = 64
+REFUSAL_LINGER = 1.0
+
+
 async def _serve_connection(context: ServerContext, stream: trio.SocketStream) -> None:
     try:
         host, port = stream.socket.getpeername()[:2]
@@ -357,4 +524,39 @@ async def _serve_connection(context: ServerContext, stream: trio.SocketStream) -
     except OSError:
         peer = "unknown"
     conn = ServerConnection(context.security, clipboard_max_size=context.config.clipboard_max_size)
-    await context.run_session(stream, conn, peer)
+    refusal = context.connection_refusal()
+    if refusal is not None:
+        context.log_refusal(peer, refusal)
+        await _refuse(context, stream, conn, refusal)
+        return
+    context.open_connection()
+    try:
+        await context.run_session(stream, conn, peer)
+    finally:
+        context.close_connection()
+
+
+async def _refuse(
+    context: ServerContext, stream: trio.SocketStream, conn: ServerConnection, reason: str
+) -> None:
+    """Send the RFB refusal (version, no security types, reason) at once, then
+    close; a little later if few refusals are lingering, after reading what
+    the client sent (closing with unread data would reset the connection)."""
+    conn.refuse(reason)
+    linger = context._refusals_lingering < MAX_LINGERING_REFUSALS
+    if linger:
+        context._refusals_lingering += 1
+    try:
+        with (
+            trio.move_on_after(REFUSAL_LINGER),
+            suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
+            await stream.send_all(conn.data_to_send())
+            if linger:
+                await stream.send_eof()
+                while await stream.receive_some(4096):
+                    pass
+    finally:
+        if linger:
+            context._refusals_lingering -= 1
+        await trio.aclose_forcefully(stream)

@@ -6,6 +6,7 @@
 # "FramebufferUpdateRequest", "EnableContinuousUpdates", "ExtendedDesktopSize".
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import struct
@@ -46,6 +47,15 @@ _session_ids = itertools.count(1)
 RECEIVE_SIZE = 65536
 #: Fence payloads the measurement task sends start with this tag.
 _FENCE_TAG = b"trivnc-rtt"
+#: Writes go out in pieces of at most this size; each must be accepted
+#: within the send timeout.
+SEND_PIECE = 65536
+#: What a queued ExtendedDesktopSize reply counts for in pending output.
+_EDS_REPLY_SIZE = 64
+
+
+class SendTimeout(Exception):
+    """The client accepted no data for the configured send timeout."""
 
 
 @dataclass
@@ -132,7 +142,19 @@ class ClientSession:
             tuple[DesktopSizeReason, DesktopSizeStatus, tuple[int, int] | None]
         ] = []
         self._pseudo_due: list[bytes] = []
-        self._control: list[bytes] = []
+        #: Messages for the send task: (kind, bytes); a message of a kind
+        #: replaces a queued one of the same kind.
+        self._control: list[tuple[str | None, bytes]] = []
+        #: Protocol replies (fence replies, EndOfContinuousUpdates, caps) taken
+        #: from the connection by the receive task.
+        self._replies = bytearray()
+        #: Set (and replaced) each time the send task finishes a write.
+        self._drained = trio.Event()
+        self._over_limit_since: float | None = None
+        #: When the write in progress started (None: no write in progress).
+        self._send_started: float | None = None
+        #: The user whose per-user connection slot this session holds.
+        self.user_slot: str | None = None
         self._poke = trio.Event()
         self._fence_ids = itertools.count(1)
         self._unsubscribe: Callable[[], None] | None = None
@@ -159,6 +181,7 @@ class ClientSession:
                     nursery.start_soon(self._guarded, self._send_task)
                     nursery.start_soon(self._guarded, self._measure_task)
         finally:
+            self._note_stalled_send()
             if self._unsubscribe is not None:
                 self._unsubscribe()
             self.context.sessions.discard(self)
@@ -168,6 +191,18 @@ class ClientSession:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.stream.aclose()
             log.info("%s: connection closed (%s)", self.peer, self.close_reason)
+
+    def _note_stalled_send(self) -> None:
+        """A session ended from outside while a write had been stuck for the
+        send timeout (the kernel dropped the peer under a write that could not
+        be cancelled, and the web server cancelled the session): say so."""
+        timeout = self.context.config.send_timeout
+        started = self._send_started
+        stalled = started is not None and trio.current_time() - started >= timeout
+        if self.close_reason == "closed" and stalled:
+            reason = f"the client accepted no data for {timeout:g} s"
+            log.warning("%s: disconnected: %s", self.peer, reason)
+            self.close_reason = f"send timed out: {reason}"
 
     async def _guarded(self, task: Callable[[], Awaitable[None]]) -> None:
         with _ends_connection(self):
@@ -254,13 +289,51 @@ class ClientSession:
             if self.conn.has_data_to_send():
                 # Protocol replies (fence, EndOfContinuousUpdates, caps) go out
                 # through the send task, the stream's only writer.
+                self._replies += self.conn.data_to_send()
                 self.poke()
+            if self.pending_output() > self.context.config.output_buffer_limit:
+                await self._wait_drained()
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
                 self.close("client disconnected")
                 return
             self.stats.bytes_received += len(data)
             self.conn.receive_data(data)
+
+    def pending_output(self) -> int:
+        """Bytes queued for this client besides the update being written."""
+        return (
+            len(self._replies)
+            + sum(len(data) for _, data in self._control)
+            + sum(len(rect) for rect in self._pseudo_due)
+            + _EDS_REPLY_SIZE * len(self._eds_replies)
+        )
+
+    async def _wait_drained(self) -> None:
+        """Stop reading from a client that does not read: what it sends may
+        need replies, and those would pile up here. The measurement task ends
+        the session if this lasts (see _check_output_limit)."""
+        limit = self.context.config.output_buffer_limit
+        while self.pending_output() > limit:
+            self.poke()
+            await self._drained.wait()
+
+    def _check_output_limit(self) -> None:
+        config = self.context.config
+        pending = self.pending_output()
+        if pending <= config.output_buffer_limit:
+            self._over_limit_since = None
+            return
+        now = trio.current_time()
+        if self._over_limit_since is None:
+            self._over_limit_since = now
+        elif now - self._over_limit_since >= config.send_timeout:
+            reason = (
+                f"{pending} bytes of output pending (limit {config.output_buffer_limit}) "
+                f"for {config.send_timeout:g} s: the client is not reading"
+            )
+            log.warning("%s: disconnected: %s", self.peer, reason)
+            self.close(reason)
 
     async def _handle(self, event: ev.Event) -> None:
         source = self.context.source
@@ -308,7 +381,9 @@ class ClientSession:
                 text = self.context.clipboard
                 if text is not None:
                     payload = writers.clipboard_text_payload(text)
-                    self._send_control(writers.clipboard_provide({ClipboardFlags.TEXT: payload}))
+                    self._send_control(
+                        writers.clipboard_provide({ClipboardFlags.TEXT: payload}), "provide"
+                    )
             case ev.EnableContinuousUpdates():
                 self.poke()
             case ev.ClientFence(flags=flags, payload=payload) if not flags & FenceFlags.REQUEST:
@@ -326,17 +401,16 @@ class ClientSession:
     def _on_set_encodings(self) -> None:
         caps = self.conn.capabilities
         self.encoders.configure(caps)
+        due = []
         if PseudoEncoding.QEMU_EXTENDED_KEY_EVENT in caps.pseudo:
-            self._pseudo_due.append(
-                writers.empty_pseudo_rect(PseudoEncoding.QEMU_EXTENDED_KEY_EVENT)
-            )
+            due.append(writers.empty_pseudo_rect(PseudoEncoding.QEMU_EXTENDED_KEY_EVENT))
         if (
             PseudoEncoding.EXTENDED_MOUSE_BUTTONS in caps.pseudo
             and not self.conn.extended_mouse_buttons
         ):
-            self._pseudo_due.append(
-                writers.empty_pseudo_rect(PseudoEncoding.EXTENDED_MOUSE_BUTTONS)
-            )
+            due.append(writers.empty_pseudo_rect(PseudoEncoding.EXTENDED_MOUSE_BUTTONS))
+        # Once each, however often the client repeats SetEncodings.
+        self._pseudo_due += [rect for rect in due if rect not in self._pseudo_due]
         if self.context.cursor is not None:
             self.desktop_cursor(self.context.cursor)
         self.poke()
@@ -358,9 +432,13 @@ class ClientSession:
             self.context.notify_resize_by(self, (width, height))
         self.poke()
 
-    def _send_control(self, data: bytes) -> None:
-        """Queue a message for the send task (the stream's only writer)."""
-        self._control.append(data)
+    def _send_control(self, data: bytes, kind: str | None = None) -> None:
+        """Queue a message for the send task (the stream's only writer). One
+        of a `kind` replaces a queued one of that kind, so a client that does
+        not read holds the newest clipboard and one bell, not every one."""
+        if kind is not None:
+            self._control = [(k, d) for k, d in self._control if k != kind]
+        self._control.append((kind, data))
         self.poke()
 
     def desktop_clipboard(self, text: str) -> None:
@@ -369,14 +447,16 @@ class ClientSession:
         it answers with a request, or old-style Latin-1 cut text)."""
         caps = self.conn.capabilities
         if self.conn.dialect is Dialect.KASM:
-            self._send_control(writers.kasm_binary_clipboard([(0, "text/plain", text.encode())]))
+            self._send_control(
+                writers.kasm_binary_clipboard([(0, "text/plain", text.encode())]), "clipboard"
+            )
         elif caps.extended_clipboard:
-            self._send_control(writers.clipboard_notify(ClipboardFlags.TEXT))
+            self._send_control(writers.clipboard_notify(ClipboardFlags.TEXT), "clipboard")
         else:
-            self._send_control(writers.server_cut_text(text))
+            self._send_control(writers.server_cut_text(text), "clipboard")
 
     def desktop_bell(self) -> None:
-        self._send_control(writers.bell())
+        self._send_control(writers.bell(), "bell")
 
     def desktop_cursor(self, cursor: CursorImage) -> None:
         """Queue the pointer shape for the next update, in the best form the
@@ -396,6 +476,8 @@ class ClientSession:
         self.poke()
 
     def resized_by_other(self, size: tuple[int, int]) -> None:
+        # Only the newest size another client set matters.
+        self._eds_replies = [r for r in self._eds_replies if r[0] != DesktopSizeReason.OTHER_CLIENT]
         self._eds_replies.append((DesktopSizeReason.OTHER_CLIENT, DesktopSizeStatus.OK, size))
         self.poke()
 
@@ -414,7 +496,7 @@ class ClientSession:
     # -- send -------------------------------------------------------------------------
 
     def _due(self, frame: Frame) -> bool:
-        if self._control or self.conn.has_data_to_send():
+        if self._control or self._replies or self.conn.has_data_to_send():
             return True
         if any(size is None or size == frame.size for _, _, size in self._eds_replies):
             return True
@@ -433,23 +515,33 @@ class ClientSession:
         while True:
             frame = service.latest
             assert frame is not None
-            if not self._due(frame):
+            sent = self._due(frame) and await self._send_pending(frame)
+            # Not held while waiting: the source recycles frames nobody holds.
+            del frame
+            if not sent:
+                # Nothing due, or nothing could go (the requested area has no
+                # changes yet, while others do): wait for a new frame or
+                # message, rather than ask again without yielding.
                 await self._poke.wait()
                 self._poke = trio.Event()
-                continue
-            await self._send_pending(frame)
 
-    async def _send_pending(self, frame: Frame) -> None:
-        out: list[bytes] = [self.conn.data_to_send()]
-        out += self._control
+    async def _send_pending(self, frame: Frame) -> bool:
+        """Write what is due; False if there was nothing to write."""
+        out: list[bytes] = [bytes(self._replies), self.conn.data_to_send()]
+        self._replies.clear()
+        out += [data for _, data in self._control]
         self._control = []
         sending_update = self._request_pending or self.conn.continuous_updates is not None
         if sending_update or self._eds_replies:
             out += self._size_update(frame, self._ready_replies(frame))
         update = await self._framebuffer_update(frame) if sending_update else []
         out += update
+        if not any(out):
+            return False
         started = time.perf_counter()
         await self._write(out)
+        self._drained.set()
+        self._drained = trio.Event()
         if update:
             # The time blocked in writing is how long the link took to absorb
             # the update: the network side of the bottleneck score.
@@ -458,6 +550,7 @@ class ClientSession:
             if tracked is not None and frame.version >= tracked and self.conn.capabilities.fence:
                 self.track_frame = None
                 self._send_fence(frame.version)
+        return True
 
     def _size_update(
         self, frame: Frame, replies: list[tuple[DesktopSizeReason, DesktopSizeStatus]]
@@ -585,18 +678,35 @@ class ClientSession:
                 continue
             if len(chunk) >= 65536:
                 if batch:
-                    await self.stream.send_all(b"".join(batch))
+                    await self._send(b"".join(batch))
                     batch, size = [], 0
-                await self.stream.send_all(chunk)
+                await self._send(chunk)
             else:
                 batch.append(chunk)
                 size += len(chunk)
                 if size >= 65536:
-                    await self.stream.send_all(b"".join(batch))
+                    await self._send(b"".join(batch))
                     batch, size = [], 0
             self.stats.bytes_sent += len(chunk)
         if batch:
-            await self.stream.send_all(b"".join(batch))
+            await self._send(b"".join(batch))
+
+    async def _send(self, data: bytes) -> None:
+        """Write `data` in pieces of at most SEND_PIECE bytes, each of which the
+        client must accept within the send timeout (a client that stopped
+        reading blocks only this task, and not for ever)."""
+        timeout = self.context.config.send_timeout
+        view = memoryview(data)
+        for start in range(0, len(view), SEND_PIECE):
+            self._send_started = trio.current_time()
+            with trio.move_on_after(timeout) as scope:
+                await self.stream.send_all(view[start : start + SEND_PIECE])
+            self._send_started = None
+            # cancel_called, not cancelled_caught: a write that cannot be
+            # cancelled (hypercorn shields its socket writes) returns after
+            # the deadline without raising.
+            if scope.cancel_called:
+                raise SendTimeout(f"the client accepted no data for {timeout:g} s")
 
     # -- measurement ---------------------------------------------------------------
 
@@ -606,6 +716,7 @@ class ClientSession:
         everything sent before it, so the ack also tells what it absorbed."""
         while True:
             await trio.sleep(self.context.config.measure_interval)
+            self._check_output_limit()
             if not self.conn.capabilities.fence or len(self.stats.fences) > 8:
                 continue
             self._send_fence(None)
@@ -685,8 +796,28 @@ def _ends_connection(session: ClientSession) -> Iterator[None]:
         session._failed_in_handshake = in_handshake
         log.warning("%s: protocol error: %s", session.peer, exc.reason)
         session.close(f"protocol error: {exc.reason}")
+    except SendTimeout as exc:
+        log.warning("%s: disconnected: %s", session.peer, exc)
+        session.close(f"send timed out: {exc}")
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        session.close(f"connection lost: {exc or type(exc).__name__}")
+        if _timed_out(exc):
+            # TCP_USER_TIMEOUT: the kernel gave up on a peer that accepted nothing.
+            reason = f"the client accepted no data for {session.context.config.send_timeout:g} s"
+            log.warning("%s: disconnected: %s", session.peer, reason)
+            session.close(f"send timed out: {reason}")
+        else:
+            session.close(f"connection lost: {exc or type(exc).__name__}")
     except trio.TooSlowError:
         log.info("%s: handshake timed out", session.peer)
         session.close("handshake timed out")
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    """Whether the kernel ended the connection with ETIMEDOUT."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False

@@ -408,11 +408,15 @@ class UserStore:
         self._signature: _FileSignature | None = None
         # The malformed version last warned about, so it is logged once.
         self._rejected: _FileSignature | None = None
-        # Unknown names are checked against this so that they cost what a
-        # wrong password costs: an attacker cannot time which names exist.
-        self._dummy_hash = hash_password(secrets.token_urlsafe(16))
+        # Unknown names are checked against a hash of a random password made
+        # with the same parameters (rounds, salt length) as the stored users'
+        # hashes, so that they cost what a wrong password costs: an attacker
+        # cannot time which names exist. One per parameter set, made once.
+        self._dummies: dict[tuple[int | None, int], str] = {}
+        self._dummy_hash = self._dummy_for(None, _MAX_SALT)
         with self._lock:
             self._users, self._signature = self._read()
+            self._dummy_hash = self._typical_dummy(self._users)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -462,7 +466,30 @@ class UserStore:
         users, sig = self._read()
         affected = _diff(self._users, users)
         self._users, self._signature = users, sig
+        self._dummy_hash = self._typical_dummy(users)
         return affected
+
+    def _dummy_for(self, rounds: int | None, salt_length: int) -> str:
+        key = (rounds, salt_length)
+        dummy = self._dummies.get(key)
+        if dummy is None:
+            salt = _random_salt()[:salt_length]
+            if rounds is not None:
+                salt = f"{_PREFIX}{_ROUNDS_PREFIX}{rounds}${salt}"
+            dummy = self._dummies[key] = sha256_crypt(secrets.token_urlsafe(16), salt)
+        return dummy
+
+    def _typical_dummy(self, users: Mapping[str, User]) -> str:
+        """The dummy hash with the parameters most of `users` have (trivnc's
+        own, 5000 rounds and a 16-character salt, when there are none)."""
+        if not users:
+            return self._dummy_for(None, _MAX_SALT)
+        counts: dict[tuple[int | None, int], int] = {}
+        for user in users.values():
+            rounds, salt = _parse_setting(user.password_hash.rpartition("$")[0])
+            key = (rounds, len(salt))
+            counts[key] = counts.get(key, 0) + 1
+        return self._dummy_for(*max(counts, key=lambda k: counts[k]))
 
     def get(self, name: str) -> User | None:
         return self._users.get(name)
@@ -484,6 +511,9 @@ class UserStore:
         """The user if `password` is theirs, else None. Unknown names and wrong
         passwords take the same work: one SHA-256-crypt either way."""
         user = self._users.get(name)
+        # A name is looked up once and compared only through the hash below;
+        # an unknown one is checked against the dummy, whose rounds and salt
+        # length are the stored users' (see _typical_dummy).
         hashed = user.password_hash if user is not None else self._dummy_hash
         if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
             # Refused before hashing, for everyone alike: this only tells an
@@ -619,6 +649,7 @@ class UserStore:
                 affected = change(users)
                 _atomic_write(target, _render(users.values()), dir_fd)
                 self._users, self._signature = users, self._current_signature()
+                self._dummy_hash = self._typical_dummy(users)
             finally:
                 os.close(dir_fd)
         self._notify(external)
