@@ -16,11 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
+from ..geometry import Rect
 from ..sources.base import Damage, Pixels, Source
 from .damage import TILE, TileMask, changed_tiles, full_mask
 from .timing import FrameTiming, TimingHistory
 
 log = logging.getLogger(__name__)
+
+#: Damage hints kept per update at most; beyond, updates go as whole tiles.
+MAX_HINTS = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,7 +72,10 @@ class FramebufferService:
         self.limiter = limiter or trio.CapacityLimiter(2)
         self.latest: Frame | None = None
         self.timings = TimingHistory(timing_history)
-        self._masks: deque[tuple[int, TileMask]] = deque(maxlen=damage_history)
+        #: (version, changed tiles, the damage hints behind them or None).
+        self._masks: deque[tuple[int, TileMask, tuple[Rect, ...] | None]] = deque(
+            maxlen=damage_history
+        )
         self._subscribers: set[Callable[[], None]] = set()
         self._force_full = False
         self._waiting: trio.CancelScope | None = None
@@ -98,9 +105,26 @@ class FramebufferService:
         if not self._masks or self._masks[0][0] > version + 1:
             return None
         out: TileMask | None = None
-        for v, mask in self._masks:
+        for v, mask, _ in self._masks:
             if v > version:
                 out = mask.copy() if out is None else (out | mask)
+        return out
+
+    def hints_since(self, version: int) -> list[Rect] | None:
+        """The source's damage rects behind the tiles changed after `version`:
+        every changed pixel lies in one of them, so an update may be cut to
+        them rather than sent as whole tiles. None when unknown (a full or
+        rect-less hint, a forced capture, a resize, too many rects)."""
+        if not self._masks or self._masks[0][0] > version + 1:
+            return None
+        out: list[Rect] = []
+        for v, _, hints in self._masks:
+            if v > version:
+                if hints is None:
+                    return None
+                out.extend(hints)
+                if len(out) > MAX_HINTS:
+                    return None
         return out
 
     def record_encoding(
@@ -206,7 +230,13 @@ class FramebufferService:
             log.info("desktop size is now %dx%d", width, height)
         timing.changed_area = _mask_area(mask, width, height)
         frame = Frame(version, pixels, timing)
-        self._masks.append((version, mask))
+        exact = (
+            previous is not None
+            and previous.shape == pixels.shape
+            and not damage.full
+            and bool(damage.rects)
+        )
+        self._masks.append((version, mask, damage.rects if exact else None))
         self.timings.add(timing)
         self.latest = frame
         self._ready.set()

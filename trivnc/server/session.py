@@ -21,7 +21,7 @@ import numpy as np
 import trio
 
 from ..framebuffer.damage import TILE, TileMask, full_mask, mask_to_rects
-from ..framebuffer.service import Frame
+from ..framebuffer.service import MAX_HINTS, Frame
 from ..geometry import Rect
 from ..rfb import events as ev
 from ..rfb import writers
@@ -131,6 +131,9 @@ class ClientSession:
         #: Tiles changed since the last update that this client has not had
         #: (changes outside the area it asked for wait here).
         self._dirty: TileMask | None = None
+        #: Damage rects that cover every changed pixel in the dirty tiles
+        #: (None: unknown, send whole tiles); updates are cut to them.
+        self._hints: list[Rect] | None = None
         #: The size the client was told (it clips what we send) and the last
         #: size we acted on (differs when the client cannot be told).
         self._client_size: tuple[int, int] | None = None
@@ -273,6 +276,7 @@ class ClientSession:
                     self._client_size = self._known_size = frame.size
                     self._sent_version = frame.version
                     self._dirty = full_mask(*frame.size)
+                    self._hints = None
                     await self.stream.send_all(self.conn.data_to_send())
                     self.context.sessions.add(self)
                     log.info("%s: connected (%s)", self.peer, self.username or "no user")
@@ -589,20 +593,32 @@ class ClientSession:
 
     def _take_dirty(self, frame: Frame, area: Rect) -> list[Rect]:
         """Fold the damage since the last update into this client's dirty
-        tiles, and take out the rects that lie in `area`."""
-        new = self.context.service.damage_since(self._sent_version)
+        tiles, and take out the rects that lie in `area`, cut to the source's
+        damage rects where those are known (a video at an odd position is
+        sent as itself, not as the 64-pixel tiles around it)."""
+        service = self.context.service
+        new = service.damage_since(self._sent_version)
+        hints = service.hints_since(self._sent_version) if new is not None else None
         self._sent_version = frame.version
         if new is None:
             self._dirty = full_mask(*frame.size)
+            self._hints = None
         elif self._dirty is None or self._dirty.shape != new.shape:
             self._dirty = new.copy()
+            self._hints = hints
         else:
             self._dirty |= new
+            if self._hints is not None and hints is not None:
+                self._hints += hints
+                if len(self._hints) > MAX_HINTS:
+                    self._hints = None
+            else:
+                self._hints = None
         if area.is_empty() or not self._dirty.any():
             return []
         rects = []
         for r in mask_to_rects(self._dirty, frame.width, frame.height):
-            piece = r.intersect(area)
+            piece = _cut(r.intersect(area), self._hints)
             if not piece.is_empty():
                 rects.append(piece)
         # Clear the tiles wholly inside the area; a tile that sticks out stays
@@ -611,6 +627,13 @@ class ClientSession:
         ty1 = area.bottom // TILE if area.bottom < frame.height else self._dirty.shape[0]
         tx1 = area.right // TILE if area.right < frame.width else self._dirty.shape[1]
         self._dirty[ty0:ty1, tx0:tx1] = False
+        if not self._dirty.any():
+            self._hints = []  # all sent: exact again from the next change on
+        elif self._hints is not None:
+            # Rects that reach outside the cleared tiles still cover changes
+            # there; keeping more than needed only sends more.
+            cleared = Rect(tx0 * TILE, ty0 * TILE, (tx1 - tx0) * TILE, (ty1 - ty0) * TILE)
+            self._hints = [h for h in self._hints if not cleared.contains(h)]
         return rects
 
     async def _framebuffer_update(self, frame: Frame) -> list[bytes]:
@@ -761,6 +784,17 @@ _CURSOR_ENCODINGS = {
     struct.pack(">i", PseudoEncoding.CURSOR),
     struct.pack(">i", PseudoEncoding.CURSOR_WITH_ALPHA),
 }
+
+
+def _cut(piece: Rect, hints: list[Rect] | None) -> Rect:
+    """The part of `piece` that the damage rects touch (their bounding box
+    within it); all of it when they are unknown."""
+    if hints is None or piece.is_empty():
+        return piece
+    box = Rect(0, 0, 0, 0)
+    for h in hints:
+        box = box.union(h.intersect(piece))
+    return box
 
 
 def _is_cursor_rect(rect: bytes) -> bool:
