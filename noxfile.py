@@ -8,7 +8,7 @@ import pathlib
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 HERE = pathlib.Path(__file__).parent
@@ -57,14 +57,31 @@ def fuzz(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (docs/mkdocs.yml), warnings as errors. The site
+    goes to docs/site/, or to the directory given after `--`."""
+    session.install("-e", ".[docs]")
+    site = session.posargs[0] if session.posargs else str(HERE / "docs" / "site")
+    session.run(
+        "mkdocs",
+        "build",
+        "--strict",
+        "--config-file",
+        str(HERE / "docs" / "mkdocs.yml"),
+        "--site-dir",
+        site,
+    )
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
-    session.run("ruff", "check", "trivnc", "tests", "bench", "noxfile.py")
+    session.run("ruff", "check", "trivnc", "tests", "bench", "docs", "noxfile.py")
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[test]", "mypy==2.4.1")
+    session.install("-e", ".[test,docs]", "mypy==2.4.1")
     session.run("mypy")
 
 

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
-        "--display", metavar=":N", help="share a running X display (not available yet)"
+        "--display", metavar=":N", help="share a running X display"
     )
     src.add_argument(
         "--xvfb",

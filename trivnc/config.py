@@ -36,6 +36,7 @@ class Config:
     geometry: tuple[int, int] = (1280, 720)
     #: Addresses to listen on.
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    #: The RFB (VNC) port; the command line's default web port is 8443.
     rfb_port: int | None = 5900
     web_port: int | None = None
     #: Accept security type None on the RFB port (only on loopback addresses
@@ -45,7 +46,9 @@ class Config:
     #: Classic VNC authentication: a password, or a vncpasswd file.
     vnc_password: str | None = field(default=None, repr=False)
     vnc_password_file: Path | None = None
+    #: Name shown to viewers (default: the source's).
     desktop_name: str | None = None
+    #: Frames captured and sent per second at most.
     max_frame_rate: float = 60.0
     #: Milliseconds to wait after the first change of a quiet spell before
     #: capturing (Xvnc's DeferUpdate), so that a frame an application draws
@@ -69,7 +72,9 @@ class Config:
     output_buffer_limit: int = 1 << 20
     #: Serve plain HTTP and WebSocket on the web port (loopback addresses only).
     no_tls: bool = False
+    #: Seconds between the measurement task's fence round trips.
     measure_interval: float = 1.0
+    #: Clipboard text, in characters, passed either way at most.
     clipboard_max_size: int = 1024 * 1024
     #: Worker threads for capture and encoding (default: one per core).
     encode_threads: int = field(default_factory=lambda: os.cpu_count() or 2)

@@ -50,6 +50,14 @@ class Frame:
 
 
 class FramebufferService:
+    """The one owner of the desktop's pixels. `run()` (started by
+    `trivnc.serve`) waits for the source's damage, defers briefly, captures
+    and compares tiles in a worker thread, and publishes an immutable `Frame`
+    with a new version, its tile mask and its timing spans; subscribers are
+    called on the trio thread. Sessions ask `damage_since(version)` and
+    `hints_since(version)` for what changed since the frame they last sent,
+    and the developer API reads `timings`."""
+
     def __init__(
         self,
         source: Source,

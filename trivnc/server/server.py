@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from ..api.backend import ApiUser
+from ..api.backend import ApiBackend, ApiUser
 from ..config import Config
 from ..framebuffer.service import FramebufferService
 from ..rfb import events as ev
@@ -321,7 +321,21 @@ class Server:
         return self.context.end_reason
 
     def stop(self) -> None:
+        """Stop the server (its nursery's scope is cancelled)."""
         self.cancel_scope.cancel()
+
+    def api_backend(self) -> ApiBackend:
+        """The developer API's backend over this server (its users file,
+        sessions and frames, and the login rate limit its RFB port shares),
+        for mounting `trivnc.api.api_blueprint` on an application's own
+        Quart-Trio app. ValueError when the server has no users file: set
+        `Config.users_file` when trivnc's own web port is off."""
+        from ..api.server_backend import ServerBackend
+
+        users = self.context.users
+        if users is None:
+            raise ValueError("the server has no users file (set Config.users_file)")
+        return ServerBackend(self.context, users, self.context.login_limiter)
 
 
 def security_for(config: Config, users: UserStore | None) -> SecurityConfig:
