@@ -74,6 +74,28 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session
+def gui_example(session: nox.Session) -> None:
+    """docs/examples/nox_gui: a GUI application's tests on a trivnc desktop,
+    with screenshots of failures and a JUnit report kept in
+    docs/examples/nox_gui/artifacts/."""
+    _system_deps(session)
+    session.install("-e", ".[test]")
+    example = HERE / "docs" / "examples" / "nox_gui"
+    artifacts = example / "artifacts"
+    session.run(
+        "pytest",
+        "-c",
+        str(example / "pytest.ini"),
+        "--rootdir",
+        str(example),
+        f"--trivnc-artifacts={artifacts / 'screenshots'}",
+        f"--junitxml={artifacts / 'junit.xml'}",
+        str(example / "test_app.py"),
+        *session.posargs,
+    )
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
     session.run("ruff", "check", "trivnc", "tests", "bench", "docs", "noxfile.py")
