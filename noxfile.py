@@ -103,7 +103,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[test,docs]", "mypy==2.4.1")
+    session.install("-e", ".[test,docs]", "mypy==2.4.1", "nox")
     session.run("mypy")
 
 
