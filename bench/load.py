@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import open_websocket_url
 from viewers import _Reader, cpu_seconds, skip_update, start_viewer
 
 from trivnc.server.users import UserStore
+from trivnc.testing.websocket import WebSocketByteStream
 
 USER, PASSWORD = "bench", "bench-password"
 SLOW_VIEWERS = 5
@@ -114,34 +115,6 @@ class Server:
         self.home.cleanup()
 
 
-class _WebSocketBytes(trio.abc.Stream):
-    """RFB over WebSocket as a byte stream (message boundaries mean nothing)."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        self.buffer = b""
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.ws.send_message(bytes(data))
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if not self.buffer:
-            try:
-                message = await self.ws.get_message()
-            except ConnectionClosed:
-                return b""
-            self.buffer = message if isinstance(message, bytes) else b""
-        n = len(self.buffer) if max_bytes is None else max_bytes
-        out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return out
-
-    async def aclose(self) -> None:
-        await self.ws.aclose()
-
-
 async def _frames(stream: trio.abc.Stream, counts: list[int], index: int) -> None:
     """bench/viewers.py's viewer loop on any stream: ask for the next update as
     soon as the last one is read, count those that carry pixels."""
@@ -182,7 +155,7 @@ async def ws_viewer(server: Server, counts: list[int], index: int) -> None:
         message_queue_size=4,
         max_message_size=1 << 24,
     ) as ws:
-        await _frames(_WebSocketBytes(ws), counts, index)
+        await _frames(WebSocketByteStream(ws), counts, index)
 
 
 async def measure(

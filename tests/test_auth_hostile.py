@@ -32,7 +32,6 @@ import trio
 import trio.testing
 import trustme
 from trio_websocket import (
-    ConnectionClosed,
     ConnectionRejected,
     WebSocketConnection,
     wrap_client_stream,
@@ -70,6 +69,7 @@ from trivnc.testing.aclient import (
     wrap_stream,
 )
 from trivnc.testing.images import desktop_like
+from trivnc.testing.websocket import WebSocketByteStream
 
 USERS = {
     "boss": ("boss-secret", "rwo"),
@@ -647,44 +647,12 @@ def user_client(setup: Setup, name: str) -> AbstractAsyncContextManager[VncClien
     )
 
 
-class ClientWebSocketStream(trio.abc.Stream):
-    """RFB over WebSocket, client side: binary messages as a byte stream."""
-
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self.ws = ws
-        self.buffer = b""
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await self.ws.send_message(bytes(data))
-        except ConnectionClosed as exc:
-            raise trio.BrokenResourceError("WebSocket closed") from exc
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if not self.buffer:
-            try:
-                message = await self.ws.get_message()
-            except ConnectionClosed:
-                return b""
-            assert isinstance(message, bytes)
-            self.buffer = message
-        n = len(self.buffer) if max_bytes is None else max_bytes
-        out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return out
-
-    async def aclose(self) -> None:
-        await self.ws.aclose()
-
-
 @asynccontextmanager
 async def websocket_client(setup: Setup, name: str) -> AsyncIterator[VncClient]:
     header = basic_header(name.encode(), USERS[name][0].encode())
     async with (
         open_ws(setup, header) as ws,
-        wrap_stream(ClientWebSocketStream(ws), encodings=ENCODINGS) as client,
+        wrap_stream(WebSocketByteStream(ws), encodings=ENCODINGS) as client,
     ):
         yield client
 

@@ -31,35 +31,10 @@ from trivnc.server.users import UserStore
 from trivnc.sources.array import ArraySource
 from trivnc.testing.aclient import HandshakeError, VncClient, open_test_client, wrap_stream
 from trivnc.testing.images import desktop_like
+from trivnc.testing.websocket import WebSocketByteStream
 
 W, H = 160, 100
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
-
-
-class ClientWebSocketStream(trio.abc.Stream):
-    """RFB over WebSocket from the test side: binary messages as a byte stream."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        self.buffer = b""
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.ws.send_message(bytes(data))
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if not self.buffer:
-            message = await self.ws.get_message()
-            assert isinstance(message, bytes)
-            self.buffer = message
-        n = len(self.buffer) if max_bytes is None else max_bytes
-        out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return out
-
-    async def aclose(self) -> None:
-        await self.ws.aclose()
 
 
 MakeServer = Callable[..., Awaitable[Server]]
@@ -161,7 +136,7 @@ async def ws_client(stack: AsyncExitStack, server: Server, name: str) -> VncClie
             extra_headers=[(b"Authorization", basic(name).encode())],
         )
     )
-    client: VncClient = await stack.enter_async_context(wrap_stream(ClientWebSocketStream(ws)))
+    client: VncClient = await stack.enter_async_context(wrap_stream(WebSocketByteStream(ws)))
     return client
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import trio
 import trustme
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import open_websocket_url
 
 import trivnc
 from trivnc.rfb.constants import Encoding, PseudoEncoding
@@ -27,6 +27,7 @@ from trivnc.server.users import UserStore
 from trivnc.sources.array import ArraySource, KeyInput
 from trivnc.testing.aclient import HandshakeError, VncClient, open_test_client, wrap_stream
 from trivnc.testing.images import desktop_like, psnr
+from trivnc.testing.websocket import WebSocketByteStream
 
 USERS = {
     "boss": ("boss-secret", "rwo"),
@@ -118,35 +119,6 @@ async def test_read_only_user_cannot_type(setup: Setup) -> None:
 # -- RFB over WebSocket ---------------------------------------------------------------
 
 
-class ClientWebSocketStream(trio.abc.Stream):
-    """The test side of RFB over WebSocket: binary messages as a byte stream."""
-
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self.ws = ws
-        self.buffer = b""
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.ws.send_message(bytes(data))
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if not self.buffer:
-            try:
-                message = await self.ws.get_message()
-            except ConnectionClosed:
-                return b""
-            assert isinstance(message, bytes), "RFB travels in binary messages"
-            self.buffer = message
-        n = len(self.buffer) if max_bytes is None else max_bytes
-        out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return out
-
-    async def aclose(self) -> None:
-        await self.ws.aclose()
-
-
 async def test_rfb_over_websocket(setup: Setup) -> None:
     url = f"wss://127.0.0.1:{setup.server.web_port}/websockify"
     headers = [(b"Authorization", basic("watcher").encode())]
@@ -159,7 +131,7 @@ async def test_rfb_over_websocket(setup: Setup) -> None:
     ) as ws:
         assert ws.subprotocol == "binary"
         async with wrap_stream(
-            ClientWebSocketStream(ws), encodings=[Encoding.TIGHT, Encoding.ZRLE]
+            WebSocketByteStream(ws), encodings=[Encoding.TIGHT, Encoding.ZRLE]
         ) as c:
             shot = await c.screenshot()
             assert np.array_equal(shot[..., :3], setup.source.pixels[..., :3])
