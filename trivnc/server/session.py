@@ -644,7 +644,7 @@ class ClientSession:
         rects = self._take_dirty(frame, area)
         if self._full_area is not None:
             full = self._full_area.intersect(screen)
-            rects = [r for r in rects if not _contains(full, r)]
+            rects = [r for r in rects if not full.contains(r)]
             if not full.is_empty():
                 rects.insert(0, full)
         self._full_area = None
@@ -813,10 +813,6 @@ def _unpremultiply(rgba: Pixels) -> Pixels:
     out[..., 2] = rgb[..., 0]
     out[..., 3] = rgba[..., 3]
     return out
-
-
-def _contains(outer: Rect, inner: Rect) -> bool:
-    return outer.intersect(inner) == inner
 
 
 @contextmanager
