@@ -95,12 +95,15 @@ class ServerContext:
     def open_connection(self, user: str | None = None) -> None:
         self.connections += 1
         if user is not None:
-            self.user_connections[user] += 1
+            self.hold_user(user)
 
     def close_connection(self, user: str | None = None) -> None:
         self.connections -= 1
         if user is not None:
             self.release_user(user)
+
+    def hold_user(self, user: str) -> None:
+        self.user_connections[user] += 1
 
     def release_user(self, user: str) -> None:
         self.user_connections[user] -= 1
@@ -179,7 +182,7 @@ class ServerContext:
             session.conn.reject_credentials(refusal)
             return
         # Held until the session ends (run_session releases it).
-        self.user_connections[user.name] += 1
+        self.hold_user(user.name)
         session.user_slot = user.name
         session.can_write = current.permissions.can_input
         session.conn.accept_credentials()
@@ -239,10 +242,7 @@ class ServerContext:
         if vnc_auth and not self.security.allow_none and self.login_limiter.blocked(host) > 0:
             # VNC authentication is checked inside the protocol state
             # machine, so a blocked address is turned away before it can try.
-            conn.refuse("too many failed logins; try later")
-            with trio.move_on_after(1), suppress(trio.BrokenResourceError, OSError):
-                await stream.send_all(conn.data_to_send())
-            await trio.aclose_forcefully(stream)
+            await _refuse(self, stream, conn, "too many failed logins; try later")
             return
         self.all_sessions.add(session)
         try:
@@ -551,7 +551,7 @@ async def _serve_connection(context: ServerContext, stream: trio.SocketStream) -
 
 
 async def _refuse(
-    context: ServerContext, stream: trio.SocketStream, conn: ServerConnection, reason: str
+    context: ServerContext, stream: trio.abc.Stream, conn: ServerConnection, reason: str
 ) -> None:
     """Send the RFB refusal (version, no security types, reason) at once, then
     close; a little later if few refusals are lingering, after reading what
@@ -567,7 +567,8 @@ async def _refuse(
         ):
             await stream.send_all(conn.data_to_send())
             if linger:
-                await stream.send_eof()
+                if isinstance(stream, trio.abc.HalfCloseableStream):
+                    await stream.send_eof()
                 while await stream.receive_some(4096):
                     pass
     finally:
