@@ -7,6 +7,7 @@
 # bigger union.
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import trio
 
 from ..geometry import Rect
@@ -261,6 +263,16 @@ def _merge(a: Damage, b: Damage) -> Damage:
 
 def _mask_area(mask: TileMask, width: int, height: int) -> int:
     """Pixels covered by the dirty tiles (edge tiles count only their part)."""
-    tile_w = np.minimum(TILE, width - np.arange(mask.shape[1]) * TILE)
-    tile_h = np.minimum(TILE, height - np.arange(mask.shape[0]) * TILE)
-    return int((np.outer(tile_h, tile_w) * mask).sum())
+    return int(_tile_areas(width, height)[mask].sum())
+
+
+@functools.lru_cache(maxsize=4)
+def _tile_areas(width: int, height: int) -> npt.NDArray[np.int64]:
+    """Each tile's pixel count, for a frame size (computed once per size, not
+    per frame)."""
+    tiles_y, tiles_x = -(-height // TILE), -(-width // TILE)
+    tile_w = np.minimum(TILE, width - np.arange(tiles_x) * TILE)
+    tile_h = np.minimum(TILE, height - np.arange(tiles_y) * TILE)
+    areas = np.outer(tile_h, tile_w).astype(np.int64)
+    areas.flags.writeable = False
+    return areas
