@@ -98,6 +98,22 @@ OPTIONS: dict[str, Option] = {
     ),
     "max_frame_rate": Option("max_frame_rate", "encoding.max_frame_rate"),
     "defer_update": Option("defer_update", None, "Xvnc's -DeferUpdate"),
+    "quality_min": Option(
+        "quality_min", "encoding.rect_encoding_mode.min_quality", "there a libjpeg quality"
+    ),
+    "video_area": Option(
+        "video_area", "encoding.video_encoding_mode.enter_video_encoding_mode.area_threshold"
+    ),
+    "video_time": Option(
+        "video_time", "encoding.video_encoding_mode.enter_video_encoding_mode.time_threshold"
+    ),
+    "video_out_time": Option(
+        "video_out_time", "encoding.video_encoding_mode.exit_video_encoding_mode.time_threshold"
+    ),
+    "video_quality": Option("video_quality", "encoding.video_encoding_mode.jpeg_quality"),
+    "video_max_resolution": Option(
+        "video_max_resolution", "encoding.video_encoding_mode.max_resolution"
+    ),
     "desktop_name": Option("desktop_name", None, "Xvnc's -desktop", default="the source's name"),
     "max_connections": Option("max_connections", None, NONE_NEEDED),
     "max_connections_per_user": Option("max_connections_per_user", None, NONE_NEEDED),

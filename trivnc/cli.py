@@ -82,6 +82,41 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="wait this long after a change before capturing (default 4)",
     )
+    p.add_argument(
+        "--quality-min",
+        metavar="LEVEL",
+        type=int,
+        help="lowest JPEG quality level (0-9) dynamic quality may use on a slow link (default 4)",
+    )
+    p.add_argument(
+        "--video-area",
+        metavar="PERCENT",
+        type=int,
+        help="share of the screen that must keep changing for video mode (default 45)",
+    )
+    p.add_argument(
+        "--video-time",
+        metavar="S",
+        type=float,
+        help="seconds of such changes before video mode starts (default 5)",
+    )
+    p.add_argument(
+        "--video-out-time",
+        metavar="S",
+        type=float,
+        help="seconds of smaller changes before video mode ends (default 3)",
+    )
+    p.add_argument(
+        "--video-quality",
+        metavar="LEVEL",
+        type=int,
+        help="JPEG quality level in video mode, -1 for unchanged (default -1)",
+    )
+    p.add_argument(
+        "--video-max-resolution",
+        metavar="WxH",
+        help="video is scaled down to fit this for clients that scale up (default 1920x1080)",
+    )
     p.add_argument("--desktop-name", metavar="NAME", help="name shown by viewers")
     p.add_argument(
         "--max-connections",
@@ -156,7 +191,14 @@ def config_from_args(args: argparse.Namespace, command: list[str] | None = None)
         values["desktop_name"] = args.desktop_name
     if args.web_root:
         values["web_root"] = Path(args.web_root)
+    if args.video_max_resolution:
+        values["video_max_resolution"] = parse_size(args.video_max_resolution)
     for name in (
+        "quality_min",
+        "video_area",
+        "video_time",
+        "video_out_time",
+        "video_quality",
         "defer_update",
         "max_connections",
         "max_connections_per_user",

@@ -8,9 +8,12 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .sources.base import Source
+
+if TYPE_CHECKING:
+    from .server.adapt import VideoSettings
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,20 @@ class Config:
     desktop_name: str | None = None
     #: Frames captured and sent per second at most.
     max_frame_rate: float = 60.0
+    #: The lowest JPEG quality level (0-9) dynamic quality may go down to
+    #: when the link cannot carry the client's own level (KasmVNC's
+    #: encoding.rect_encoding_mode.min_quality, as a level).
+    quality_min: int = 4
+    #: Video mode: entered when at least `video_area` percent of the screen
+    #: changes in every frame for `video_time` seconds, left after
+    #: `video_out_time` seconds of smaller changes. In it rects go lossy
+    #: without analysis at `video_quality` (-1: the current quality), scaled
+    #: down to `video_max_resolution` for clients that scale back up.
+    video_area: int = 45
+    video_time: float = 5.0
+    video_out_time: float = 3.0
+    video_quality: int = -1
+    video_max_resolution: tuple[int, int] = (1920, 1080)
     #: Milliseconds to wait after the first change of a quiet spell before
     #: capturing (Xvnc's DeferUpdate), so that a frame an application draws
     #: in several steps is captured and sent once.
@@ -105,6 +122,17 @@ class Config:
             raise ConfigError("both ports are off: nothing to serve")
         if not 0 < self.max_frame_rate <= 240:
             raise ConfigError("max_frame_rate must be between 0 and 240")
+        if not 0 <= self.quality_min <= 9:
+            raise ConfigError("quality_min must be a level from 0 to 9")
+        if not -1 <= self.video_quality <= 9:
+            raise ConfigError("video_quality must be -1 (unchanged) or a level from 0 to 9")
+        if not 1 <= self.video_area <= 101:
+            raise ConfigError("video_area must be a percentage from 1 to 100 (101: never)")
+        if self.video_time < 0 or self.video_out_time < 0:
+            raise ConfigError("video_time and video_out_time must not be negative")
+        vw, vh = self.video_max_resolution
+        if not (16 <= vw <= 16384 and 16 <= vh <= 16384):
+            raise ConfigError(f"video_max_resolution {vw}x{vh} out of range (16..16384)")
         if not 0 <= self.defer_update <= 1000:
             raise ConfigError("defer_update must be between 0 and 1000 ms")
         if self.handshake_timeout <= 0 or self.send_timeout <= 0:
@@ -130,6 +158,18 @@ class Config:
                     f"--insecure-no-auth refused: {', '.join(remote)} is not a loopback "
                     "address, and anyone who reaches it would control the desktop"
                 )
+
+    def video_settings(self) -> VideoSettings:
+        from .server.adapt import VideoSettings
+
+        return VideoSettings(
+            area=self.video_area,
+            enter_seconds=self.video_time,
+            leave_seconds=self.video_out_time,
+            quality=self.video_quality,
+            max_width=self.video_max_resolution[0],
+            max_height=self.video_max_resolution[1],
+        )
 
     @property
     def has_vnc_password(self) -> bool:
@@ -175,6 +215,12 @@ _FILE_KEYS: dict[str, Any] = {
     "rfbauth": Path,
     "max_frame_rate": float,
     "defer_update": float,
+    "quality_min": int,
+    "video_area": int,
+    "video_time": float,
+    "video_out_time": float,
+    "video_quality": int,
+    "video_max_resolution": parse_size,
     "desktop_name": str,
     "display": str,
     "xvfb": parse_size,

@@ -142,6 +142,9 @@ class TightSettings:
     png_mode: bool = False
     no_zlib: bool = False
     allow_gradient: bool = False
+    #: Video mode: every rect goes lossy (JPEG, or WebP when allowed) without
+    #: analysis, once JPEG is allowed.
+    video: bool = False
     #: Every zlib rect starts its stream afresh (reset bit set), so each rect
     #: decodes on its own and its bytes depend only on pixels, format and
     #: settings: the server shares such rects between viewers. Costs some
@@ -241,6 +244,18 @@ class _Palette:
     #: 2 colours: True where the pixel is colours[1]; else: indices (uint8)
     mask: npt.NDArray[np.bool_] | None = None
     indices: U8Array | None = None
+
+
+@dataclass
+class Deferred:
+    """A rect analysed by `TightEncoder.analyse` whose payload needs the
+    encoder's zlib streams (palette, copy or gradient): `finish` makes it."""
+
+    pixels: Pixels
+    pf: PixelFormat
+    values: U32Array
+    palette: _Palette | None
+    photo: bool
 
 
 _HASH_BITS = 16
@@ -362,6 +377,39 @@ def _is_photo(values: U32Array) -> bool:
     return bool(np.count_nonzero(rows == above) < _PHOTO_REPEAT_SHARE * n)
 
 
+#: QOI is chosen for a full-colour rect (one no palette fits, sent lossless)
+#: when it is estimated to take at most this many bytes a pixel; zlib packs
+#: such rects into 2-3 bytes a pixel, and noisy ones (photos) into fewer than
+#: QOI, while QOI wins on smooth ones and is faster.
+QOI_MAX_BYTES_PER_PIXEL = 2.0
+
+
+def qoi_bytes_per_pixel(pixels: Pixels) -> float:
+    """Estimated size of a rect as QOI, from every 4th row: each pixel
+    against the one to its left is a run (about free), a 1-byte DIFF (each
+    channel -2..1), a 2-byte LUMA (green -32..31, red and blue -8..7 from
+    green) or a 4-byte RGB op (index hits are ignored: an upper bound)."""
+    rows = pixels[::4, :, :3].astype(np.int16)
+    if rows.shape[1] < 2:
+        return 4.0
+    d = rows[:, 1:] - rows[:, :-1]
+    db, dg, dr = d[..., 0], d[..., 1], d[..., 2]
+    same = (d == 0).all(axis=-1)
+    small = ((d >= -2) & (d <= 1)).all(axis=-1) & ~same
+    drg, dbg = dr - dg, db - dg
+    luma = (
+        (dg >= -32) & (dg <= 31) & (drg >= -8) & (drg <= 7) & (dbg >= -8) & (dbg <= 7)
+    ) & ~(same | small)
+    other = ~(same | small | luma)
+    n = same.size
+    return float(small.sum() + 2 * luma.sum() + 4 * other.sum()) / n
+
+
+def qoi_pays(pixels: Pixels) -> bool:
+    """Whether QOI beats zlib on this full-colour rect (see QOI_MAX_BYTES_PER_PIXEL)."""
+    return qoi_bytes_per_pixel(pixels) <= QOI_MAX_BYTES_PER_PIXEL
+
+
 def _rgb(pixels: Pixels) -> U8Array:
     """BGRX -> contiguous RGB. Three channel copies are about four times
     faster than numpy copying a reversed-stride view."""
@@ -397,6 +445,18 @@ def _gradient_residuals(components: npt.NDArray[Any], maxes: tuple[int, int, int
 
 # --------------------------------------------------------------------------
 # The encoder
+
+
+def _check_rect(pixels: Pixels) -> None:
+    if pixels.ndim != 3 or pixels.shape[2] != 4 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected BGRX uint8 (h, w, 4), got {pixels.dtype} {pixels.shape}")
+    h, w = pixels.shape[:2]
+    if h == 0 or w == 0:
+        raise LocalProtocolError("an empty rect has no Tight encoding")
+    if w > MAX_RECT_WIDTH:
+        raise LocalProtocolError(
+            f"Tight rects are at most {MAX_RECT_WIDTH} pixels wide (got {w}); split it"
+        )
 
 
 class TightEncoder:
@@ -440,18 +500,10 @@ class TightEncoder:
         self, pixels: Pixels, pf: PixelFormat, method: TightMethod = TightMethod.AUTO
     ) -> Payload:
         """One rect's payload. pixels: BGRX (h, w, 4) uint8, any row stride."""
-        if pixels.ndim != 3 or pixels.shape[2] != 4 or pixels.dtype != np.uint8:
-            raise ValueError(f"expected BGRX uint8 (h, w, 4), got {pixels.dtype} {pixels.shape}")
-        h, w = pixels.shape[:2]
-        if h == 0 or w == 0:
-            raise LocalProtocolError("an empty rect has no Tight encoding")
-        if w > MAX_RECT_WIDTH:
-            raise LocalProtocolError(
-                f"Tight rects are at most {MAX_RECT_WIDTH} pixels wide (got {w}); split it"
-            )
-        s = self.settings
         if method is TightMethod.AUTO:
-            return self._auto(pixels, pf)
+            return self.finish(self.analyse(pixels, pf))
+        _check_rect(pixels)
+        s = self.settings
         if s.png_mode and method not in (TightMethod.FILL, TightMethod.JPEG, TightMethod.PNG):
             raise LocalProtocolError(f"TightPNG cannot send {method.value} rects")
         if method is TightMethod.FILL:
@@ -499,15 +551,24 @@ class TightEncoder:
             # images too, follow the same rule.
             raise LocalProtocolError(f"{codec} needs a 16 or 32 bpp pixel format")
 
-    def _auto(self, pixels: Pixels, pf: PixelFormat) -> Payload:
+    def analyse(self, pixels: Pixels, pf: PixelFormat) -> Payload | Deferred:
+        """Choose a rect's sub-encoding and do every part of it that touches
+        no zlib stream (fill, JPEG, WebP, QOI, PNG): safe to call from several
+        threads at once. What needs a stream comes back as a Deferred for
+        `finish`, which must then be called in the order of the rects."""
+        _check_rect(pixels)
         s = self.settings
         high_bpp = pf.bits_per_pixel in (16, 32)
         lossy = s.jpeg_allowed and high_bpp
+        if lossy and s.video and not s.png_mode:
+            # Video mode: the area is known to be moving pictures; skip the
+            # analysis (KasmVNC's video mode does the same).
+            return self._webp(pixels) if s.allow_webp else self._jpeg(pixels)
         if lossy and s.jpeg_parameters()[1] is Subsampling.GRAY:
             # A client that asked for greyscale gets every rect as JPEG, as
             # TigerVNC's EncodeManager does: only JPEG can drop the colour.
             return self._jpeg(pixels)
-        if lossy and not s.png_mode and not s.allow_qoi and pf.is_rgb888:
+        if lossy and not s.png_mode and pf.is_rgb888:
             # A sample with more colours than a palette may hold settles it
             # without a pass over every pixel: the rect has at least as many,
             # so it is neither a fill nor a palette rect, and goes lossy.
@@ -515,11 +576,6 @@ class TightEncoder:
             if _sample_colours(pixels) > limit:
                 return self._webp(pixels) if s.allow_webp else self._jpeg(pixels)
         values = self._values(pixels, pf)
-        if s.allow_qoi and high_bpp:
-            # KasmVNC sends every non-solid rect as QOI once the client takes it.
-            if (values == values.flat[0]).all():
-                return self._fill(values.flat[0:1], pf)
-            return self._qoi(pixels)
         # A palette PNG pays whenever there is one; Tight's palette only when
         # the palette is smaller than the pixels it replaces.
         max_colours = MAX_PALETTE if s.png_mode else self._max_colours(values.size, pf)
@@ -531,17 +587,30 @@ class TightEncoder:
                 return self._jpeg(pixels)
             return self._png(pixels, pf, palette)
         if palette is not None:
-            return self._palette_rect(palette, pf)
+            return Deferred(pixels, pf, values, palette, photo=False)
         if lossy:
             return self._webp(pixels) if s.allow_webp else self._jpeg(pixels)
-        photo = _is_photo(values)
-        if photo and s.allow_gradient and pf.is_rgb888:
+        if s.allow_qoi and high_bpp and qoi_pays(pixels):
+            # KasmVNC sends every non-solid rect as QOI once the client takes
+            # it; trivnc only the full-colour lossless ones that QOI packs
+            # better than zlib (smooth: gradients, anti-aliased drawing).
+            return self._qoi(pixels)
+        return Deferred(pixels, pf, values, None, photo=_is_photo(values))
+
+    def finish(self, item: Payload | Deferred) -> Payload:
+        """The payload of an analysed rect: what needs the zlib streams is
+        done here, in the order the client will decode it."""
+        if not isinstance(item, Deferred):
+            return item
+        if item.palette is not None:
+            return self._palette_rect(item.palette, item.pf)
+        if item.photo and self.settings.allow_gradient and item.pf.is_rgb888:
             # Neighbouring pixels of a photo predict each other well, and the
             # residuals are small numbers that Huffman coding packs tightly.
             # Only for 3-byte TPIXELs: TigerVNC's viewer decodes the gradient
             # filter wrongly for other formats.
-            return self._gradient(pixels, pf, values)
-        return self._copy(pixels, pf, values, photo=photo)
+            return self._gradient(item.pixels, item.pf, item.values)
+        return self._copy(item.pixels, item.pf, item.values, photo=item.photo)
 
     def _max_colours(self, area: int, pf: PixelFormat) -> int:
         """The most colours a palette may have before plain pixels are

@@ -144,12 +144,18 @@ class FramebufferService:
         if timing is not None:
             timing.add_encoder(encoder, cpu, count, area)
 
-    def record_update_sent(self, version: int, encode_wall: float, scaling: float = 0.0) -> None:
+    def record_update_sent(
+        self,
+        version: int,
+        encode_start: float,
+        encode_end: float,
+        written: float,
+        scaling: float = 0.0,
+    ) -> None:
+        """A session wrote the update of frame `version` (perf_counter marks)."""
         timing = self.timings.get(version)
         if timing is not None:
-            timing.encoding_total = max(timing.encoding_total, encode_wall)
-            timing.videoscaling = max(timing.videoscaling, scaling)
-            timing.clients += 1
+            timing.update_sent(encode_start, encode_end, written, scaling)
 
     def request_full_frame(self) -> None:
         """Capture a new frame now, counted as wholly changed, even on a

@@ -17,7 +17,7 @@ from ..encodings.base import Payload, Pixels, RectEncoder
 from ..encodings.hextile import HextileEncoder
 from ..encodings.raw import RawEncoder
 from ..encodings.rre import RREEncoder
-from ..encodings.tight import TightEncoder, TightSettings
+from ..encodings.tight import Deferred, TightEncoder, TightSettings
 from ..encodings.zlibrect import ZlibEncoder
 from ..encodings.zrle import ZRLEEncoder
 from ..geometry import Rect
@@ -34,6 +34,11 @@ TIGHT_TILE = 256
 #: has a fixed cost: 64-row bands halved ZRLE and Hextile throughput, 256-row
 #: bands cost about a third.
 BAND_HEIGHT = 256
+
+#: Tight updates of at least this many pixels are analysed and compressed by
+#: several worker threads at once (one frame split across the cores); the
+#: rects that need the session's zlib streams are finished in order after.
+PARALLEL_MIN_AREA = 2 * TIGHT_MAX_AREA
 
 #: Encodings whose output depends only on the pixels and the pixel format.
 STATELESS = frozenset({Encoding.RAW, Encoding.RRE, Encoding.HEXTILE, Encoding.TIGHT_PNG})
@@ -141,6 +146,13 @@ class SessionEncoders:
         #: Tight rects made independent of the session's zlib streams, so that
         #: they can be shared with other viewers (see TightSettings).
         self.shared_mode = False
+        #: The adaptive JPEG quality level in place of the client's (None:
+        #: the client's), and video mode (see trivnc.server.adapt).
+        self.quality_level: int | None = None
+        self.video = False
+        #: WebP in place of JPEG, for a client that announced it, only while
+        #: the CPU keeps up (trivnc.server.kasm.use_webp decides).
+        self.webp_affordable = True
 
     def configure(self, caps: ClientCapabilities) -> None:
         self.caps = caps
@@ -162,10 +174,37 @@ class SessionEncoders:
             self.shared_mode = shared
             self._encoders.pop(Encoding.TIGHT, None)
 
+    def set_adaptive(self, quality_level: int | None, video: bool) -> None:
+        """Apply the adaptive quality level and video mode from the next
+        rect on. Tight is rebuilt when its settings change (its zlib streams
+        restart, which the reset bits tell the client); the adaptive code
+        changes them a few times a second at most."""
+        if (quality_level, video) == (self.quality_level, self.video):
+            return
+        self.quality_level, self.video = quality_level, video
+        tight = self._encoders.get(Encoding.TIGHT)
+        if isinstance(tight, TightEncoder) and tight.settings != self._tight_settings(False):
+            self._encoders.pop(Encoding.TIGHT, None)
+        png = self._encoders.get(Encoding.TIGHT_PNG)
+        if isinstance(png, TightEncoder) and png.settings != self._tight_settings(True):
+            self._encoders.pop(Encoding.TIGHT_PNG, None)
+
+    def set_webp_affordable(self, affordable: bool) -> None:
+        """Allow or stop WebP from the next rect on (Tight is rebuilt)."""
+        if affordable != self.webp_affordable:
+            self.webp_affordable = affordable
+            self._encoders.pop(Encoding.TIGHT, None)
+
     def _tight_settings(self, png_mode: bool) -> TightSettings:
         settings = TightSettings.from_encodings(self.caps.encodings, png_mode=png_mode)
+        if settings.allow_webp and not self.webp_affordable:
+            settings = replace(settings, allow_webp=False)
         if self.shared_mode and not png_mode:
             settings = replace(settings, independent_rects=True)
+        if self.quality_level is not None and settings.jpeg_allowed:
+            settings = replace(settings, quality_level=self.quality_level, fine_quality=None)
+        if self.video and settings.jpeg_allowed:
+            settings = replace(settings, video=True)
         return settings
 
     def encoder(self, encoding: int) -> RectEncoder:
@@ -219,6 +258,70 @@ def encode_batch(
     return out, time.thread_time() - start
 
 
+def analyse_batch(
+    encoder: TightEncoder, pixels: Pixels, rects: Sequence[Rect], pf: PixelFormat
+) -> tuple[list[Payload | Deferred], float]:
+    """The stream-free part of Tight for some rects (worker thread; several
+    may run at once on one encoder)."""
+    start = time.thread_time()
+    out = [encoder.analyse(pixels[r.slices()], pf) for r in rects]
+    return out, time.thread_time() - start
+
+
+def finish_batch(
+    encoder: TightEncoder, items: Sequence[Payload | Deferred]
+) -> tuple[list[Payload], float]:
+    """The zlib-stream part of Tight, in rect order (worker thread)."""
+    start = time.thread_time()
+    out = [encoder.finish(item) for item in items]
+    return out, time.thread_time() - start
+
+
+def _split_by_area(rects: Sequence[Rect], parts: int) -> list[list[Rect]]:
+    """Consecutive groups of about equal pixel counts."""
+    total = sum(r.area for r in rects)
+    groups: list[list[Rect]] = [[]]
+    done = 0
+    for r in rects:
+        if groups[-1] and done >= total * len(groups) / parts and len(groups) < parts:
+            groups.append([])
+        groups[-1].append(r)
+        done += r.area
+    return groups
+
+
+async def encode_parallel(
+    encoder: TightEncoder,
+    limiter: trio.CapacityLimiter,
+    pixels: Pixels,
+    rects: Sequence[Rect],
+    pf: PixelFormat,
+) -> tuple[list[Payload], float]:
+    """Tight rects of one update across the worker threads: analysis, fills,
+    JPEG, WebP and QOI in parallel (the codecs release the GIL), then the
+    rects that use the zlib streams in order. Returns payloads in rect order
+    and the CPU seconds of all threads."""
+    groups = _split_by_area(rects, max(1, int(limiter.total_tokens)))
+    results: list[list[Payload | Deferred]] = [[] for _ in groups]
+    cpu = 0.0
+
+    async def run(i: int, group: list[Rect]) -> None:
+        nonlocal cpu
+        results[i], spent = await trio.to_thread.run_sync(
+            analyse_batch, encoder, pixels, group, pf, limiter=limiter
+        )
+        cpu += spent
+
+    async with trio.open_nursery() as nursery:
+        for i, group in enumerate(groups):
+            nursery.start_soon(run, i, group)
+    items = [item for part in results for item in part]
+    if not any(isinstance(item, Deferred) for item in items):
+        return [item for item in items if not isinstance(item, Deferred)], cpu
+    payloads, spent = await trio.to_thread.run_sync(finish_batch, encoder, items, limiter=limiter)
+    return payloads, cpu + spent
+
+
 def shareable(encoding: int, payload: Payload, independent: bool) -> bool:
     """Whether an encoded rect is the same for every session with the same
     settings. Tight fill, JPEG, WebP and QOI rects touch no zlib stream; with
@@ -259,9 +362,17 @@ async def encode_rects(
     share = encoders.share_key(encoding) if encoders.shared_mode else None
 
     async def batch(todo: list[Rect]) -> list[Payload]:
-        payloads, cpu = await trio.to_thread.run_sync(
-            encode_batch, encoder, pixels, todo, pf, limiter=limiter
-        )
+        if (
+            isinstance(encoder, TightEncoder)
+            and len(todo) > 1
+            and limiter.total_tokens > 1
+            and sum(r.area for r in todo) >= PARALLEL_MIN_AREA
+        ):
+            payloads, cpu = await encode_parallel(encoder, limiter, pixels, todo, pf)
+        else:
+            payloads, cpu = await trio.to_thread.run_sync(
+                encode_batch, encoder, pixels, todo, pf, limiter=limiter
+            )
         stats.add(name, cpu, todo)
         return payloads
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import math
 import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
@@ -35,6 +36,8 @@ from ..rfb.constants import (
 )
 from ..rfb.errors import ProtocolError
 from ..sources.base import CursorImage, Pixels
+from .adapt import DynamicQuality, VideoDetector
+from .congestion import Congestion, InFlight
 from .encoding import EncodeStats, SessionEncoders, encode_rects
 from .measure import BottleneckTracker
 
@@ -70,6 +73,10 @@ class SessionStats:
     last_update_version: int = 0
     rtt: float | None = None  # seconds, the latest fence round trip
     min_rtt: float | None = None
+    #: Updates written, and frames that were coalesced into them (published
+    #: while this client was still busy with an earlier one).
+    frames_delivered: int = 0
+    frames_coalesced: int = 0
     #: (send time, bytes_sent at that time, tracked frame version) of fences
     #: in flight, by id.
     fences: dict[int, tuple[float, int, int | None]] = field(default_factory=dict)
@@ -103,7 +110,22 @@ class ClientSession:
         host = peer.rsplit(":", 1)[0].strip("[]")
         #: KasmVNC's connection id shape: "ip_seconds.micros::websocket".
         self.connection_id = f"{host}_{time.time():.6f}::{transport}"
-        self.bottleneck = BottleneckTracker(context.config.max_frame_rate)
+        config = context.config
+        self.bottleneck = BottleneckTracker(config.max_frame_rate)
+        #: Frames per second this client gets at most (the server's cap, or
+        #: less if a KasmVNC client asks for less).
+        self.frame_rate = config.max_frame_rate
+        self.congestion = Congestion(1.0 / config.max_frame_rate)
+        self.quality = DynamicQuality(config.quality_min, 9)
+        self.video = VideoDetector(config.video_settings())
+        #: When the update now due first had to wait for the congestion
+        #: window (None: not waiting).
+        self._window_wait_since: float | None = None
+        self._next_update_at = 0.0
+        #: trio time at which the send task must look again though nothing
+        #: pokes it (a per-client frame-rate cap is holding an update back).
+        self._wake_at: float | None = None
+        self._dynamic = False
         #: Armed by the frame-stats API: time the processing of the first
         #: update of this frame version or a later one.
         self.track_frame: int | None = None
@@ -112,6 +134,9 @@ class ClientSession:
         self.client_times: dict[int, float] = {}
         self.client_time_event = trio.Event()
         self._last_encode_wall = 0.0
+        #: (encode start, encode end) of the update being sent, perf_counter.
+        self._encode_span = (0.0, 0.0)
+        self._last_frame_sent = 0
         self.stream = stream
         self.conn = conn
         self.peer = peer
@@ -405,6 +430,7 @@ class ClientSession:
     def _on_set_encodings(self) -> None:
         caps = self.conn.capabilities
         self.encoders.configure(caps)
+        self._adapt_to_client()
         due = []
         if PseudoEncoding.QEMU_EXTENDED_KEY_EVENT in caps.pseudo:
             due.append(writers.empty_pseudo_rect(PseudoEncoding.QEMU_EXTENDED_KEY_EVENT))
@@ -418,6 +444,50 @@ class ClientSession:
         if self.context.cursor is not None:
             self.desktop_cursor(self.context.cursor)
         self.poke()
+
+    def _adapt_to_client(self) -> None:
+        """Take the client's quality, frame rate and video knobs (KasmVNC's
+        web client sends them as pseudo-encodings) into the adaptive code."""
+        caps = self.conn.capabilities
+        kasm = caps.kasm
+        config = self.context.config
+        # Dynamic quality moves the JPEG level between the configured minimum
+        # and the client's own level; a KasmVNC client gives both ends.
+        self._dynamic = caps.quality_level is not None or kasm.dynamic_quality_max is not None
+        high = kasm.dynamic_quality_max
+        if high is None:
+            high = caps.quality_level if caps.quality_level is not None else 9
+        low = kasm.dynamic_quality_min
+        if low is None:
+            low = min(config.quality_min, high)
+        self.quality.configure(low, high)
+        rate = config.max_frame_rate
+        if kasm.frame_rate is not None:
+            rate = min(rate, kasm.frame_rate)
+        self.frame_rate = rate
+        self.bottleneck.set_frame_rate(rate)
+        self.congestion.interval = 1.0 / rate
+        video = config.video_settings()
+        changes: dict[str, Any] = {}
+        if kasm.video_area is not None:
+            changes["area"] = kasm.video_area
+        if kasm.video_time is not None:
+            changes["enter_seconds"] = float(kasm.video_time)
+        if kasm.video_out_time is not None:
+            changes["leave_seconds"] = float(kasm.video_out_time)
+        if kasm.jpeg_video_quality is not None:
+            changes["quality"] = kasm.jpeg_video_quality
+        self.video.settings = replace(video, **changes)
+
+    def _quality_level(self) -> int | None:
+        """The JPEG level for the next update (None: the client's own)."""
+        if not self._dynamic:
+            return None
+        level = self.quality.level
+        video_quality = self.video.settings.quality
+        if self.video.active and video_quality >= 0:
+            level = min(level, video_quality)
+        return level
 
     async def _on_set_desktop_size(self, width: int, height: int) -> None:
         ok = 0 < width <= 16384 and 0 < height <= 16384
@@ -524,9 +594,12 @@ class ClientSession:
             del frame
             if not sent:
                 # Nothing due, or nothing could go (the requested area has no
-                # changes yet, while others do): wait for a new frame or
-                # message, rather than ask again without yielding.
-                await self._poke.wait()
+                # changes yet, while others do; the link is still busy with
+                # earlier updates): wait for a new frame, a message or a fence
+                # reply, rather than ask again without yielding.
+                wake = self._wake_at if self._wake_at is not None else math.inf
+                with trio.move_on_at(wake):
+                    await self._poke.wait()
                 self._poke = trio.Event()
 
     async def _send_pending(self, frame: Frame) -> bool:
@@ -538,23 +611,75 @@ class ClientSession:
         sending_update = self._request_pending or self.conn.continuous_updates is not None
         if sending_update or self._eds_replies:
             out += self._size_update(frame, self._ready_replies(frame))
+        if sending_update and not self._may_send_update(frame):
+            sending_update = False
         update = await self._framebuffer_update(frame) if sending_update else []
         out += update
         if not any(out):
             return False
+        fence_id = None
+        if update and self.conn.capabilities.fence:
+            # Right behind the update: its reply says the client has
+            # processed the update (congestion control, client_time).
+            fence_id = next(self._fence_ids)
+            out.append(self._fence_request(fence_id))
+        size = sum(len(chunk) for chunk in out)
+        end_bytes = self.stats.bytes_sent + size
         started = time.perf_counter()
         await self._write(out)
+        written = time.perf_counter()
         self._drained.set()
         self._drained = trio.Event()
         if update:
-            # The time blocked in writing is how long the link took to absorb
-            # the update: the network side of the bottleneck score.
-            self.bottleneck.frame(self._last_encode_wall, time.perf_counter() - started)
-            tracked = self.track_frame
-            if tracked is not None and frame.version >= tracked and self.conn.capabilities.fence:
-                self.track_frame = None
-                self._send_fence(frame.version)
+            self._update_written(frame, fence_id, size, end_bytes, started, written)
         return True
+
+    def _may_send_update(self, frame: Frame) -> bool:
+        """Whether an update may go now: the client's frame-rate cap and the
+        congestion window allow it. Notes when an update waits for either."""
+        self._wake_at = None
+        now = time.perf_counter()
+        if now < self._next_update_at:
+            self._wake_at = trio.current_time() + (self._next_update_at - now)
+            return False
+        if self.conn.capabilities.fence and not self.congestion.can_send(self.stats.bytes_sent):
+            if self._window_wait_since is None and frame.version > self._sent_version:
+                self._window_wait_since = now
+            return False
+        return True
+
+    def _update_written(
+        self,
+        frame: Frame,
+        fence_id: int | None,
+        size: int,
+        end_bytes: int,
+        started: float,
+        written: float,
+    ) -> None:
+        """Book an update the socket took: bottleneck counts, the congestion
+        window, frame pacing and the frame's timing spans."""
+        waited = started - self._window_wait_since if self._window_wait_since is not None else 0.0
+        self._window_wait_since = None
+        handle = self.bottleneck.frame(self._last_encode_wall)
+        tracked = self.track_frame
+        version = None
+        if tracked is not None and frame.version >= tracked and fence_id is not None:
+            self.track_frame = None
+            version = frame.version
+        if fence_id is not None:
+            self.congestion.sent(
+                InFlight(fence_id, frame.version, size, end_bytes, started, waited, handle, version)
+            )
+        else:
+            # No fences: the time the write blocked is how long the link took.
+            delay = waited + written - started
+            self.bottleneck.network(handle, delay)
+            self.quality.delivered(delay, 1.0 / self.frame_rate)
+        if self.frame_rate < self.context.service.max_frame_rate:
+            self._next_update_at = self._encode_span[0] + 1.0 / self.frame_rate
+        encode_start, encode_end = self._encode_span
+        self.context.service.record_update_sent(frame.version, encode_start, encode_end, written)
 
     def _size_update(
         self, frame: Frame, replies: list[tuple[DesktopSizeReason, DesktopSizeStatus]]
@@ -654,6 +779,11 @@ class ClientSession:
         self._pseudo_due = []
         # With other viewers about, encode Tight so that they can share it.
         self.encoders.set_shared_mode(len(self.context.sessions) > 1)
+        self.stats.frames_coalesced += max(0, frame.version - self._last_frame_sent - 1)
+        self.stats.frames_delivered += 1
+        self._last_frame_sent = frame.version
+        video = self.video.frame(frame.timing.changed_percent)
+        self.encoders.set_adaptive(self._quality_level(), video)
         started = time.perf_counter()
         stats = EncodeStats.empty()
         encoded = await encode_rects(
@@ -666,12 +796,13 @@ class ClientSession:
             self.conn.pixel_format,
             stats,
         )
-        encode_wall = self._last_encode_wall = time.perf_counter() - started
+        encoded_at = time.perf_counter()
+        self._last_encode_wall = encoded_at - started
+        self._encode_span = (started, encoded_at)
         for name, cpu in stats.cpu.items():
             self.context.service.record_encoding(
                 frame.version, name, cpu, stats.count[name], stats.area[name]
             )
-        self.context.service.record_update_sent(frame.version, encode_wall)
         self._request_pending = False
         self._requested = Rect(0, 0, 0, 0)
         ext_mouse = writers.empty_pseudo_rect(PseudoEncoding.EXTENDED_MOUSE_BUTTONS)
@@ -742,36 +873,58 @@ class ClientSession:
             self._check_output_limit()
             if not self.conn.capabilities.fence or len(self.stats.fences) > 8:
                 continue
-            self._send_fence(None)
+            if self.congestion.in_flight:
+                continue  # the updates' own fences are measuring
+            self._send_fence()
 
-    def _send_fence(self, version: int | None) -> None:
-        """A fence request with BlockBefore; `version` marks the one sent right
-        after a tracked frame's update."""
-        fence_id = next(self._fence_ids)
-        self.stats.fences[fence_id] = (time.perf_counter(), self.stats.bytes_sent, version)
+    @staticmethod
+    def _fence_request(fence_id: int) -> bytes:
+        """A fence request with BlockBefore: the client answers it once it
+        has processed everything sent before it."""
         payload = _FENCE_TAG + struct.pack(">I", fence_id)
-        self._send_control(
-            writers.server_fence(FenceFlags.REQUEST | FenceFlags.BLOCK_BEFORE, payload)
-        )
+        return writers.server_fence(FenceFlags.REQUEST | FenceFlags.BLOCK_BEFORE, payload)
+
+    def _send_fence(self) -> None:
+        """A round-trip probe while no update is in flight."""
+        fence_id = next(self._fence_ids)
+        self.stats.fences[fence_id] = (time.perf_counter(), self.stats.bytes_sent, None)
+        self._send_control(self._fence_request(fence_id))
 
     def _on_fence_reply(self, payload: bytes) -> None:
         if not payload.startswith(_FENCE_TAG) or len(payload) != len(_FENCE_TAG) + 4:
             return
         (fence_id,) = struct.unpack(">I", payload[len(_FENCE_TAG) :])
-        sent = self.stats.fences.pop(fence_id, None)
-        if sent is None:
-            return
         now = time.perf_counter()
-        rtt = now - sent[0]
+        sent = self.stats.fences.pop(fence_id, None)
+        if sent is not None:
+            self._note_rtt(now - sent[0], now, sent[1])
+            self.congestion.rtt_sample(now - sent[0])
+            return
+        delivery = self.congestion.acknowledged(fence_id)
+        if delivery is None:
+            return
+        update = delivery.update
+        self._note_rtt(delivery.rtt, now, update.end_bytes)
+        if update.record is not None:
+            self.bottleneck.network(update.record, delivery.delay)
+        self.quality.delivered(delivery.delay, 1.0 / self.frame_rate)
+        if update.tracked_version is not None:
+            self.record_client_time(update.tracked_version, delivery.rtt)
+        self.poke()  # the congestion window may have opened
+
+    def _note_rtt(self, rtt: float, now: float, acked_bytes: int) -> None:
         self.stats.rtt = rtt
         self.stats.min_rtt = rtt if self.stats.min_rtt is None else min(self.stats.min_rtt, rtt)
-        self.stats.acked.append((now, sent[1]))
-        if sent[2] is not None:
-            self.client_times[sent[2]] = rtt
-            while len(self.client_times) > 64:
-                del self.client_times[next(iter(self.client_times))]
-            self.client_time_event.set()
-            self.client_time_event = trio.Event()
+        self.stats.acked.append((now, acked_bytes))
+
+    def record_client_time(self, version: int, seconds: float) -> None:
+        """The client finished processing the update of frame `version`
+        `seconds` after it was sent (frame stats' client_time)."""
+        self.client_times[version] = seconds
+        while len(self.client_times) > 64:
+            del self.client_times[next(iter(self.client_times))]
+        self.client_time_event.set()
+        self.client_time_event = trio.Event()
 
     def request_full_frame(self) -> None:
         """The API's send_full_frame: the whole screen at the next update."""
