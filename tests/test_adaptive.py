@@ -356,6 +356,7 @@ async def test_video_mode_lowers_quality_and_ends_when_the_video_stops(tmp_path:
             assert session.encoders.quality_level == 2
             await trio.sleep(0.3)
             n.cancel_scope.cancel()
+        await _watch(c, 0.5)  # the last frame drawn arrives
         # In video mode the picture is still the source's, coarser.
         assert psnr(c.framebuffer[..., :3], source.pixels[..., :3]) > 20
         async with trio.open_nursery() as n:
