@@ -111,7 +111,9 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Encoder throughput against the bare codec calls, one vs ten viewers on
     the demo desktop, and trivnc beside x11vnc and X0tigervnc on the same Xvfb
-    workloads (see docs/performance.md)."""
+    workloads (see docs/performance.md): bench/x11_targets.py runs
+    bench/x11_workloads.py's workloads with PSNR, plus ten viewers and a
+    2 MB/s link, and prints issue 6's table and targets."""
     _system_deps(session)
     session.install("-e", ".[test]")
     out = HERE / "bench" / "results"
@@ -119,7 +121,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/encoders.py", "--json", str(out / "encoders.json"))
     session.run("python", "bench/viewers.py", "--json", str(out / "viewers.json"))
     session.run("python", "bench/xvfb_compare.py", "--json", str(out / "xvfb_compare.json"))
-    session.run("python", "bench/x11_workloads.py", "--json", str(out / "x11_workloads.json"))
+    session.run("python", "bench/x11_targets.py", "--json", str(out / "x11_targets.json"))
     session.run("python", "bench/load.py", "--json", str(out / "load.json"))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from trivnc.rfb.constants import Encoding, PseudoEncoding
-from trivnc.rfb.pixelformat import RGBX
+from trivnc.rfb.pixelformat import RGBX, PixelFormat
 
 ENCODINGS = [
     Encoding.TIGHT,
@@ -119,11 +119,15 @@ async def _skip_tight(r: _Reader, w: int, h: int) -> None:
 
 
 async def start_viewer(
-    stream: trio.SocketStream, r: _Reader, encodings: list[int] = ENCODINGS
+    stream: trio.SocketStream,
+    r: _Reader,
+    encodings: list[int] = ENCODINGS,
+    pixel_format: PixelFormat = RGBX,
 ) -> bytes:
     """RFB 3.8 with security None, RGBX pixels (so Tight uses 3-byte TPIXELs,
-    as for TigerVNC and noVNC), `encodings`, and a first full-screen request;
-    returns the incremental request to send after each update."""
+    as for TigerVNC and noVNC; another 32bpp depth-24 format works too),
+    `encodings`, and a first full-screen request; returns the incremental
+    request to send after each update."""
     version = await r.read(12)
     if not version.startswith(b"RFB 003.00"):
         raise RuntimeError(f"not an RFB server: {version!r}")
@@ -142,7 +146,7 @@ async def start_viewer(
     await r.read(16)
     (name_len,) = struct.unpack(">I", await r.read(4))
     await r.read(name_len)
-    await stream.send_all(b"\x00\x00\x00\x00" + RGBX.pack())
+    await stream.send_all(b"\x00\x00\x00\x00" + pixel_format.pack())
     await stream.send_all(
         b"\x02\x00" + struct.pack(f">H{len(encodings)}i", len(encodings), *encodings)
     )

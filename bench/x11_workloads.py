@@ -21,12 +21,17 @@ reported as a lower source frame rate, not as frames the servers dropped.
 
 Each server in turn shares the display on a free loopback port without
 authentication (the command lines are bench/xvfb_compare.py's). One viewer:
-RFB 3.8, security None, shared, BGRX 32bpp, SetEncodings [Tight, JPEG quality
-level 8, compression level 2, LastRect, DesktopSize], a new incremental
+RFB 3.8, security None, shared, BGRX 32bpp, SetEncodings [Tight, CopyRect, JPEG
+quality level 8, compression level 2, LastRect, DesktopSize], a new incremental
 whole-screen request as soon as each update is read. The viewer decodes with
 trivnc.testing.decode; by default it skips decoding the JPEG rects that do not
-touch the marker (--decode full decodes everything, --psnr then also compares
-decoded frames with the source). After a warm-up, a window of --seconds gives:
+touch the marker (--decode full decodes everything). --psnr compares decoded
+frames of the video and fullscreen workloads with the source, one frame every
+0.25 s: with --decode full any shown frame; with the lean default the viewer
+decodes whole updates from when a sample is due until the changed area is
+entirely freshly decoded, then takes the sample (so the viewer's CPU stays
+small; the PSNR is the same one a full decoder would see for that frame).
+After a warm-up, a window of --seconds gives:
 
   frames %     distinct frames delivered (marker changes seen by the viewer)
                / frames the driver put, in percent
@@ -49,6 +54,9 @@ because x11vnc pauses for about 3 s about a second after a viewer connects
 (it measures the link, then sets up XDamage). Servers are
 interleaved per repeat; each figure is the median over repeats, and the ratios
 trivnc / X0tigervnc and trivnc / x11vnc are printed.
+
+bench/x11_targets.py runs these workloads with PSNR, plus ten viewers and a
+2 MB/s link, and checks issue 6's targets.
 
 Run: python bench/x11_workloads.py [--seconds 10] [--repeats 2]
      [--servers trivnc,tigervnc,x11vnc] [--workloads video,fullscreen,scroll,idle]
@@ -84,7 +92,7 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from viewers import cpu_seconds
+from viewers import TICKS, cpu_seconds
 from xvfb_compare import SERVERS, running_server
 
 from trivnc.geometry import Rect
@@ -106,6 +114,7 @@ U8Array = npt.NDArray[np.uint8]
 
 ENCODINGS = [
     Encoding.TIGHT,
+    Encoding.COPY_RECT,  # every desktop viewer offers it (scrolls, window moves)
     -32 + 8,  # JPEG quality level 8
     -256 + 2,  # compression level 2
     PseudoEncoding.LAST_RECT,
@@ -451,7 +460,10 @@ def run_driver(
         make_frames(r.w, r.h, frames)
 
         def draw(counter: int) -> None:
-            i = frame_index(counter)
+            # From the counter the marker shows (12 bits), as the viewer's
+            # reference does: the picture jumps once every 4096 frames, and the
+            # source stays known after the counter wraps (68 s at 60 fps).
+            i = frame_index(counter % COUNTER_MOD)
             draw_marker(frames[i], counter)
             p.put(image, 0, i * r.h, r.x, r.y, r.w, r.h)
 
@@ -525,6 +537,8 @@ class Viewer:
         *,
         decode_all: bool,
         reference: Callable[[int], U8Array] | None = None,
+        psnr_interval: float = 0.25,
+        max_latency: float = 5.0,
     ) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -538,6 +552,13 @@ class Viewer:
         self.clock = clock
         self.decode_all = decode_all
         self.reference = reference
+        self.psnr_interval = psnr_interval
+        self.max_latency = max_latency  # put->view latencies beyond are not counted
+        # Lean decoding with PSNR: which pixels of fb were not decoded (their
+        # rects were skipped); while a PSNR sample is due (`sampling`), whole
+        # updates are decoded, and the sample is taken once the area is fresh.
+        self.track_stale = reference is not None and not decode_all
+        self.sampling = self.track_stale
         self.state = DecodeState(pf=BGRX)
         # Per update: (end time, request->first byte latency or nan, pixel area, marker hit).
         self.updates: list[tuple[float, float, int, bool]] = []
@@ -629,11 +650,15 @@ class Viewer:
         self.read(16)
         (name_length,) = struct.unpack(">I", self.read(4))
         self.read(name_length)
-        self.fb: U8Array = np.zeros((height, width, 4), np.uint8)
+        self._new_fb(width, height)
         encodings = struct.pack(f">BxH{len(ENCODINGS)}i", 2, len(ENCODINGS), *ENCODINGS)
         self.sock.sendall(b"\x00\x00\x00\x00" + BGRX.pack() + encodings)
         self.t_request = time.monotonic()
         self.sock.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
+
+    def _new_fb(self, width: int, height: int) -> None:
+        self.fb: U8Array = np.zeros((height, width, 4), np.uint8)
+        self.stale = np.ones((height, width), np.bool_) if self.track_stale else None
 
     def request(self) -> None:
         height, width = self.fb.shape[:2]
@@ -677,17 +702,20 @@ class Viewer:
             if encoding == PseudoEncoding.LAST_RECT:
                 break
             if encoding == PseudoEncoding.DESKTOP_SIZE:
-                self.fb = np.zeros((h, w, 4), np.uint8)
+                self._new_fb(w, h)
                 resized = True
                 continue
             rect = Rect(x, y, w, h)
             touches = self.marker is not None and not rect.intersect(self.marker).is_empty()
             hit |= touches
             area += w * h
-            if encoding == Encoding.TIGHT and not (self.decode_all or touches):
+            lean = encoding == Encoding.TIGHT and not (self.decode_all or self.sampling or touches)
+            if lean:
                 self._tight_lean(rect)
             else:
                 self.drive(decode_rect(self.state, self.fb, rect, encoding))
+            if self.stale is not None:
+                self.stale[rect.slices()] = lean
         end = time.monotonic()
         self.request()  # at once, before any bookkeeping
         if resized and self.marker is not None:
@@ -695,6 +723,8 @@ class Viewer:
         self.updates.append((end, latency, area, hit))
         if hit and self.marker is not None:
             self._check_marker(end)
+        if self.track_stale:
+            self.sampling = end - self._last_psnr > self.psnr_interval
 
     def _tight_lean(self, rect: Rect) -> None:
         """A Tight rect away from the marker: framed, not decoded. Fill and
@@ -743,9 +773,14 @@ class Viewer:
         skipped = 0 if self._last is None else (counter - self._last - 1) % COUNTER_MOD
         self._last = counter
         put = self.clock.put_time(counter)
-        latency = end - put if 0 < end - put < 5 else None
+        latency = end - put if 0 < end - put < self.max_latency else None
         self.transitions.append(Transition(end, counter, skipped, latency))
-        if self.reference is not None and self.area is not None and end - self._last_psnr > 0.25:
+        if (
+            self.reference is not None
+            and self.area is not None
+            and end - self._last_psnr > self.psnr_interval
+            and (self.stale is None or not self.stale[self.area.slices()].any())
+        ):
             self._last_psnr = end
             source = self.reference(counter)
             decoded = self.fb[self.area.slices()][..., :3].astype(np.int16)
@@ -777,8 +812,35 @@ def reference_frames(workload: str, width: int, height: int) -> Callable[[int], 
 # One measured run.
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds spent by the whole machine (all cores, not idle)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / TICKS  # minus idle and iowait
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
+
+
+def latency_trend(transitions: list[Transition], t0: float, t1: float) -> dict[str, float | None]:
+    """Does put->view latency grow over the window (a queue building up)?
+    The median latency of the frames shown in its first and last thirds, and
+    the slope of a straight line through all of them (ms per second)."""
+    third = (t1 - t0) / 3
+    points = [(tr.t - t0, 1000 * tr.latency) for tr in transitions if tr.latency is not None]
+    first = [v for t, v in points if t < third]
+    last = [v for t, v in points if t >= 2 * third]
+    slope = None
+    if len(points) >= 3:
+        xs = np.array([t for t, _ in points], np.float64)
+        ys = np.array([v for _, v in points], np.float64)
+        if np.ptp(xs) > 0:
+            slope = float(np.polyfit(xs, ys, 1)[0])
+    return {
+        "frame_latency_first_third_p50_ms": _percentile(first, 50),
+        "frame_latency_last_third_p50_ms": _percentile(last, 50),
+        "frame_latency_slope_ms_per_s": slope,
+    }
 
 
 def measure(
@@ -790,15 +852,30 @@ def measure(
     clock: Clock,
     args: argparse.Namespace,
     reference: Callable[[int], U8Array] | None,
+    *,
+    max_latency: float = 5.0,
+    counters: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
+    """One viewer on `port` (the server's, or a proxy's in front of it):
+    warm-up, then a window of args.seconds. CPU figures are read for every
+    process in `pids` ("server" is the one per-frame figures use); `counters`
+    (cumulative counts kept elsewhere, e.g. by other viewers) are read at both
+    ends of the window too and reported per second."""
     area = region(workload, width, height)
-    viewer = Viewer(port, area, clock, decode_all=args.decode == "full", reference=reference)
+    viewer = Viewer(
+        port, area, clock, decode_all=args.decode == "full", reference=reference,
+        max_latency=max_latency,
+    )  # fmt: skip
     try:
         viewer.run(time.monotonic() + args.warmup)
         c0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        m0 = machine_busy_seconds()
+        k0 = counters() if counters else {}
         f0, r0, t0 = clock.frames, viewer.received, time.monotonic()
         viewer.run(t0 + args.seconds)
         c1 = {k: cpu_seconds(p) for k, p in pids.items()}
+        m1 = machine_busy_seconds()
+        k1 = counters() if counters else {}
         f1, r1, t1 = clock.frames, viewer.received, time.monotonic()
     finally:
         viewer.close()
@@ -818,6 +895,7 @@ def measure(
         "source_fps": put / wall,
         "frames_put": put,
         "frames_delivered": delivered,
+        "frames_per_second": delivered / wall,
         "delivered_pct": 100 * delivered / put if put else None,
         "max_gap_frames": max((tr.skipped for tr in transitions[1:]), default=None),
         "max_stall_ms": 1000 * float(np.diff([t0, *(tr.t for tr in transitions), t1]).max())
@@ -828,6 +906,7 @@ def measure(
         "empty_updates": len(updates) - len(pixel_updates),
         "megapixels_per_second": sum(u[2] for u in updates) / wall / 1e6,
         "bytes_per_second": (r1 - r0) / wall,
+        "bytes_per_frame": (r1 - r0) / delivered if delivered else None,
         "server_cpu_per_second": cpu["server"],
         "server_cpu_ms_per_frame": 1000 * server_cpu / delivered if delivered else None,
         "server_cpu_ms_per_update": 1000 * server_cpu / len(pixel_updates)
@@ -837,12 +916,16 @@ def measure(
         "latency_p95_ms": _percentile(latencies, 95),
         "frame_latency_p50_ms": _percentile(frame_latencies, 50),
         "frame_latency_p95_ms": _percentile(frame_latencies, 95),
+        "frame_latency_missing": sum(1 for tr in transitions if tr.latency is None),
+        **latency_trend(transitions, t0, t1),
+        "psnr_samples": len(psnr),
         "psnr_median_db": statistics.median(psnr) if psnr else None,
         "psnr_min_db": min(psnr) if psnr else None,
-        "xvfb_cpu_per_second": cpu["xvfb"],
-        "driver_cpu_per_second": cpu["driver"],
-        "viewer_cpu_per_second": cpu["viewer"],
+        **{f"{k}_cpu_per_second": v for k, v in cpu.items() if k != "server"},
+        # Everything else on the machine: a busy neighbour skews a run.
+        "unrelated_cpu_per_second": (m1 - m0) / wall - sum(cpu.values()),
         "other_messages": viewer.other_messages,
+        "counters_per_second": {k: (k1[k] - k0[k]) / wall for k in k1},
     }
 
 
@@ -1042,6 +1125,89 @@ def running_driver(
                 process.wait()
 
 
+# One viewer per server, for each workload in turn; `extra` may measure more
+# on the same server (it gets the context and returns more runs).
+Extra = Callable[["RunContext"], list[dict[str, Any]]]
+
+
+@dataclass
+class RunContext:
+    workload: str
+    server: str
+    repeat: int
+    port: int
+    pids: dict[str, int]
+    driver: Driver
+    run: dict[str, Any]  # the one-viewer run just measured on this server
+    reference: Callable[[int], U8Array] | None
+    width: int
+    height: int
+    args: argparse.Namespace
+    home: Path
+
+
+def progress(r: dict[str, Any], label: str = "") -> None:
+    """One line per measured run, as it is done."""
+    print(
+        f"  {r['workload']:10} {LABELS[r['server']]:10} {label}rep {r['repeat']}: "
+        f"src {r['source_fps']:5.1f} fps, "
+        f"frames {_f(r['delivered_pct'], '.1f', 5)} %, "
+        f"{r['updates_per_second']:5.1f} upd/s, "
+        f"{r['megapixels_per_second']:6.1f} MP/s, "
+        f"{r['bytes_per_second'] / 1e6:5.2f} MB/s, "
+        f"CPU {r['server_cpu_per_second']:.3f} s/s, "
+        f"{_f(r['server_cpu_ms_per_frame'], '.2f', 5)} ms/frame, "
+        f"req->upd p50 {_f(r['latency_p50_ms'], '.1f', 5)} ms, "
+        f"put->view p95 {_f(r['frame_latency_p95_ms'], '.1f', 5)} ms, "
+        f"PSNR {_f(r['psnr_median_db'], '.1f', 4)} dB",
+        flush=True,
+    )
+
+
+def run_workloads(
+    xvfb: Any,
+    home: Path,
+    servers: list[str],
+    workloads: list[str],
+    args: argparse.Namespace,
+    extra: Extra | None = None,
+) -> list[dict[str, Any]]:
+    """Every workload on the Xvfb, with each server in turn (interleaved per
+    repeat), one viewer each; a server that fails is reported, not fatal."""
+    width, height = parse_geometry(args.geometry)
+    runs: list[dict[str, Any]] = []
+    for workload in workloads:
+        reference = reference_frames(workload, width, height) if args.psnr else None
+        with running_driver(workload, xvfb.display, args.geometry, home, args.fps) as driver:
+            for rep in range(args.repeats):
+                for name in servers:
+                    try:
+                        with running_server(name, xvfb.display, home) as (pid, port):
+                            pids = {
+                                "server": pid,
+                                "xvfb": xvfb.process.pid,
+                                "driver": driver.process.pid,
+                                "viewer": os.getpid(),
+                            }
+                            r = measure(
+                                port, pids, workload, width, height, driver.clock, args, reference
+                            )
+                            r = {"workload": workload, "server": name, "repeat": rep, **r}
+                            runs.append(r)
+                            progress(r)
+                            if extra is not None:
+                                context = RunContext(
+                                    workload, name, rep, port, pids, driver, r, reference,
+                                    width, height, args, home,
+                                )  # fmt: skip
+                                runs.extend(extra(context))
+                    except (OSError, EOFError, RuntimeError) as exc:
+                        print(f"  {workload:10} {LABELS[name]:10} rep {rep}: FAILED: {exc!r}")
+                    if driver.process.poll() is not None:
+                        sys.exit("the workload driver exited")
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10, help="measured window per run")
@@ -1057,7 +1223,7 @@ def main() -> None:
         default="marker",
         help="decode only the JPEG rects touching the marker (lean), or everything",
     )
-    parser.add_argument("--psnr", action="store_true", help="PSNR vs source (needs --decode full)")
+    parser.add_argument("--psnr", action="store_true", help="PSNR of sampled frames vs source")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--driver", choices=WORKLOADS, help=argparse.SUPPRESS)
     parser.add_argument("--display", help=argparse.SUPPRESS)
@@ -1070,8 +1236,6 @@ def main() -> None:
     if args.driver:
         run_driver(args.driver, args.display, width, height, args.clock, args.fps)
         return
-    if args.psnr and args.decode != "full":
-        parser.error("--psnr needs --decode full")
     servers = [s for s in args.servers.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
     for s in servers:
@@ -1086,50 +1250,11 @@ def main() -> None:
 
     from trivnc.testing.xvfb import Xvfb
 
-    runs: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="trivnc-bench-") as tmp,
         Xvfb(width, height) as xvfb,
     ):
-        assert xvfb.process is not None
-        home = Path(tmp)
-        for workload in workloads:
-            reference = reference_frames(workload, width, height) if args.psnr else None
-            with running_driver(workload, xvfb.display, args.geometry, home, args.fps) as driver:
-                for rep in range(args.repeats):
-                    for name in servers:
-                        try:
-                            with running_server(name, xvfb.display, home) as (pid, port):
-                                pids = {
-                                    "server": pid,
-                                    "xvfb": xvfb.process.pid,
-                                    "driver": driver.process.pid,
-                                    "viewer": os.getpid(),
-                                }
-                                r = measure(
-                                    port, pids, workload, width, height, driver.clock, args,
-                                    reference,
-                                )  # fmt: skip
-                        except (OSError, EOFError, RuntimeError) as exc:
-                            # A server that fails is reported, not fatal.
-                            print(f"  {workload:10} {LABELS[name]:10} rep {rep}: FAILED: {exc!r}")
-                            continue
-                        r = {"workload": workload, "server": name, "repeat": rep, **r}
-                        runs.append(r)
-                        print(
-                            f"  {workload:10} {LABELS[name]:10} rep {rep}: "
-                            f"src {r['source_fps']:5.1f} fps, "
-                            f"frames {_f(r['delivered_pct'], '.1f', 5)} %, "
-                            f"{r['updates_per_second']:5.1f} upd/s, "
-                            f"{r['megapixels_per_second']:6.1f} MP/s, "
-                            f"{r['bytes_per_second'] / 1e6:5.2f} MB/s, "
-                            f"CPU {r['server_cpu_per_second']:.3f} s/s, "
-                            f"{_f(r['server_cpu_ms_per_frame'], '.2f', 5)} ms/frame, "
-                            f"req->upd p50 {_f(r['latency_p50_ms'], '.1f', 5)} ms",
-                            flush=True,
-                        )
-                        if driver.process.poll() is not None:
-                            sys.exit("the workload driver exited")
+        runs = run_workloads(xvfb, Path(tmp), servers, workloads, args)
     table = medians(runs)
     q = ratios(table)
     print()

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from viewers import _Reader, cpu_seconds, skip_update, start_viewer
 
 from trivnc.rfb.constants import Encoding, PseudoEncoding
+from trivnc.rfb.pixelformat import RGBX, PixelFormat
 
 WIDTH, HEIGHT = 1920, 1080
 ENCODINGS = [
@@ -294,11 +295,16 @@ class ViewerStats:
         return self.reader.received if self.reader else 0
 
 
-async def viewer(port: int, stats: ViewerStats) -> None:
+async def viewer(
+    port: int,
+    stats: ViewerStats,
+    encodings: list[int] = ENCODINGS,
+    pixel_format: PixelFormat = RGBX,
+) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     r = stats.reader = _CountingReader(stream)
     async with stream:
-        request = await start_viewer(stream, r, ENCODINGS)
+        request = await start_viewer(stream, r, encodings, pixel_format)
         while True:
             msg = (await r.read(1))[0]
             if msg == 0:

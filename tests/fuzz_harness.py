@@ -328,9 +328,11 @@ def _check(condition: bool, message: str) -> None:
 
 def check_event(event: object, dialect: Dialect, limits: Limits) -> None:
     _check(isinstance(event, ev.Event), f"next_event() returned {event!r}")
-    if dialect is Dialect.STANDARD:
+    # `dialect` is the connection's dialect when the event came out: AUTO
+    # while undecided, when neither dialect's own messages can have been read.
+    if dialect is not Dialect.KASM:
         _check(not isinstance(event, KASM_ONLY), f"Kasm event {event!r} in the standard dialect")
-    else:
+    if dialect is not Dialect.STANDARD:
         _check(not isinstance(event, STANDARD_ONLY), f"{event!r} in the Kasm dialect")
     match event:
         case ev.CredentialsReceived(username=username, password=password):
@@ -412,6 +414,21 @@ def _check_buffer(conn: ServerConnection, bound: int, chunk: int) -> None:
     _check(stored <= 2 * (bound + chunk), f"{stored} bytes stored (bound {bound} + {chunk})")
 
 
+def _check_dialect(conn: ServerConnection, chosen: Dialect, event: object) -> None:
+    """Only AUTO changes its dialect, once, and says so with DialectSelected."""
+    if chosen is not Dialect.AUTO:
+        _check(conn.dialect is chosen, f"dialect {chosen.value} became {conn.dialect.value}")
+        _check(not isinstance(event, ev.DialectSelected), f"{event!r} without AUTO")
+    elif isinstance(event, ev.DialectSelected):
+        _check(event.dialect is conn.dialect, f"{event!r} but the dialect is {conn.dialect}")
+        _check(event.dialect is not Dialect.AUTO, "selected AUTO")
+        previous = getattr(conn, "_fuzz_selected", None)
+        _check(previous is None, f"{event!r} after {previous!r}")
+        conn._fuzz_selected = event  # type: ignore[attr-defined]
+    elif conn.dialect is not Dialect.AUTO:
+        _check(getattr(conn, "_fuzz_selected", None) is not None, "dialect changed silently")
+
+
 #: Fixed-size handshake steps up to the TLS go-ahead.
 _HANDSHAKE_STEPS = {
     State.VERSION: 12,
@@ -453,7 +470,8 @@ def drive(
             conn.receive_data(chunk)
             _check_buffer(conn, bound, len(chunk))
             while (event := conn.next_event()) is not NEED_DATA:
-                check_event(event, dialect, limits)
+                check_event(event, conn.dialect, limits)
+                _check_dialect(conn, dialect, event)
                 assert isinstance(event, ev.Event)
                 out.events.append(event)
                 _check(len(out.events) <= fed + 2, f"{len(out.events)} events from {fed} bytes")

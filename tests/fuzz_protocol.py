@@ -55,15 +55,19 @@ def _harness(instrument: Any = None) -> types.ModuleType:
 # -- the corpus ------------------------------------------------------------------------
 
 
+#: SetPixelFormat's body for 32 bpp, depth 24, little endian R,G,B,X bytes (what
+#: KasmVNC's web client asks for).
+RGBX_FORMAT = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
+
+
 def standard_messages(h: types.ModuleType) -> list[bytes]:
     """One of every standard client message (after a SetEncodings that turns
     on what the others need)."""
-    rgbx = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
     return [
         h.set_encodings(
             [7, 16, 5, 0, 1, -32 + 6, -256 + 2, -312, -313, -0x3F5E1A32, -316, -308, -224, -258]
         ),
-        h.set_pixel_format(rgbx),
+        h.set_pixel_format(RGBX_FORMAT),
         h.update_request(False, 0, 0, 640, 480),
         h.update_request(True, 10, 10, 100, 100),
         h.key_event(True, 0x61),
@@ -142,6 +146,13 @@ def build_corpus(h: types.ModuleType) -> dict[str, bytes]:
         if minor == 8:
             corpus[f"valid-{config}-kasm-3{minor}-{route}.bin"] = shake + kasm
     none38 = h.handshake(v38, "none")
+    # Dialect.AUTO (the WebSocket): KasmVNC's web client decides with 184 (or
+    # its SetEncodings), a standard one with its first pointer event.
+    corpus["valid-all-auto-38-none-kasm-client.bin"] = (
+        none38 + h.set_pixel_format(RGBX_FORMAT) + h.kasm_video_encoders([-1025]) + kasm
+    )
+    corpus["valid-all-auto-38-none-kasm-encodings.bin"] = none38 + kasm
+    corpus["valid-all-auto-38-none-standard-client.bin"] = none38 + std
     corpus["valid-none-standard-38-none-odd-version.bin"] = (
         h.handshake(h.version_string(889), "none") + std
     )

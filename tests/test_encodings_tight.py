@@ -19,10 +19,12 @@ from hypothesis import strategies as st
 from trivnc.encodings import tight
 from trivnc.encodings.tight import (
     MAX_COMPACT_LENGTH,
+    QOI_MAX_BYTES_PER_PIXEL,
     TightEncoder,
     TightMethod,
     TightSettings,
     encode_compact_length,
+    qoi_bytes_per_pixel,
 )
 from trivnc.geometry import Rect
 from trivnc.rfb.constants import (
@@ -559,16 +561,33 @@ def test_auto_with_webp_and_qoi() -> None:
     # WebP is lossy: without a quality level the client gets lossless rects.
     _, state, _ = round_trip(photo(64, 64), BGRX, settings_=TightSettings(allow_webp=True))
     assert state.tight_kinds == {"copy": 1}
-    # KasmVNC: with QOI, every rect that is not solid is QOI.
-    qoi = TightSettings(quality_level=6, allow_qoi=True)
-    for src, name in (
-        (photo(64, 64), "qoi"),
-        (with_colours(8, 8, 2), "qoi"),
-        (np.zeros((8, 8, 4), np.uint8), "fill"),
+    # KasmVNC sends every rect that is not solid as QOI; trivnc only the
+    # full-colour ones where QOI beats zlib (smooth ones, lossless even when
+    # lossy is allowed): photos go lossy when allowed, few colours as a palette.
+    y, x = np.mgrid[0:64, 0:64]
+    smooth = np.zeros((64, 64, 4), np.uint8)
+    smooth[..., 0], smooth[..., 1], smooth[..., 2] = x * 3, y * 3, (x + y) * 2
+    for settings_, src, name in (
+        (TightSettings(quality_level=6, allow_qoi=True), photo(64, 64), "jpeg"),
+        (TightSettings(allow_qoi=True), photo(64, 64), "copy"),
+        (TightSettings(allow_qoi=True), smooth, "qoi"),
+        (TightSettings(quality_level=6, allow_qoi=True), smooth, "qoi"),
+        (TightSettings(quality_level=6, allow_qoi=True), with_colours(8, 8, 2), "palette"),
+        (TightSettings(allow_qoi=True), np.zeros((8, 8, 4), np.uint8), "fill"),
     ):
-        out, state, _ = round_trip(src, BGRX, settings_=qoi)
+        out, state, _ = round_trip(src, BGRX, settings_=settings_)
         assert state.tight_kinds == {name: 1}
-        assert np.array_equal(out, src)
+        if name != "jpeg":
+            assert np.array_equal(out, src)
+    # The estimate QOI is chosen by: 1 byte a pixel for small steps, 4 for noise.
+    assert (
+        qoi_bytes_per_pixel(smooth) <= QOI_MAX_BYTES_PER_PIXEL < qoi_bytes_per_pixel(photo(64, 64))
+    )
+    qoi = TightSettings(allow_qoi=True)
+    enc = TightEncoder(qoi)
+    smooth_qoi = sum(map(len, enc.encode(smooth, BGRX, TightMethod.QOI)))
+    smooth_zlib = sum(map(len, TightEncoder().encode(smooth, BGRX, TightMethod.COPY)))
+    assert smooth_qoi < smooth_zlib
 
 
 def test_auto_tightpng() -> None:

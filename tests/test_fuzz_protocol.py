@@ -4,8 +4,9 @@ Handshakes for every security type a SecurityConfig offers (None, VNC
 authentication, VeNCrypt Plain, TLSPlain and X509Plain) and RFB 3.3, 3.7 and
 3.8, then client messages: valid ones (which must come out as exactly their
 events), and valid ones mutated (bit flips, truncation, splicing, interesting
-values at length fields) mixed with random ones, in both dialects and random
-chunkings. The invariants are checked by `fuzz_harness.drive`.
+values at length fields) mixed with random ones, in every dialect and random
+chunkings. In Dialect.AUTO, the sessions decide the dialect as KasmVNC's
+web client or a standard one does. The invariants are checked by `fuzz_harness.drive`.
 
 The normal run is short and deterministic. `TRIVNC_FUZZ_EXAMPLES=N` runs N
 examples per test with fresh randomness, for a separate fuzz session."""
@@ -237,10 +238,30 @@ def sessions(draw: st.DrawFn, *, good_credentials: bool = True) -> Session:
                 st.sampled_from([h.PASSWORD.encode(), b""]) | st.binary(max_size=80)
             )
     caps = frozenset(draw(st.sets(st.sampled_from(FEATURES))))
-    first: Message = (h.set_encodings([7, 0, *caps]), ev.SetEncodings)
-    rest = draw(st.lists(valid_messages(dialect, caps), max_size=12))
+    first: list[Message] = [(h.set_encodings([7, 0, *caps]), ev.SetEncodings)]
+    speaks = dialect
+    if dialect is Dialect.AUTO:
+        # Dialect detection: a Kasm client's VideoEncodersRequest or Kasm
+        # SetEncodings, or a standard client's first pointer event, decides
+        # (DialectSelected comes first, so it goes with an empty message).
+        how = draw(st.sampled_from(["184", "kasm-encodings", "pointer"]))
+        selected: Message = (b"", ev.DialectSelected)
+        if how == "184":
+            encoders = draw(st.lists(s32, max_size=5))
+            first = [selected, (h.kasm_video_encoders(encoders), ev.KasmVideoEncodersRequest)]
+            first.append((h.set_encodings([7, 0, *caps, -1024]), ev.SetEncodings))
+            speaks = Dialect.KASM
+        elif how == "kasm-encodings":
+            kasm = draw(st.sampled_from([-1024, -1886, -1885, -1884, -2048, -770, -992]))
+            first = [selected, (h.set_encodings([7, 0, *caps, kasm]), ev.SetEncodings)]
+            speaks = Dialect.KASM
+        else:
+            pointer = h.pointer_event(draw(st.integers(0, 0x7F)), draw(u16), draw(u16))
+            first += [selected, (pointer, ev.PointerEvent)]
+            speaks = Dialect.STANDARD
+    rest = draw(st.lists(valid_messages(speaks, caps), max_size=12))
     return Session(
-        config, dialect, version, route, h.handshake(version, route, **kw), [first, *rest]
+        config, dialect, version, route, h.handshake(version, route, **kw), [*first, *rest]
     )
 
 

@@ -2,7 +2,7 @@
 corpus (fixtures/fuzz/rfb/, written by `python tests/fuzz_protocol.py
 --write-corpus`) and every input that once broke it (fixtures/fuzz/crashes/).
 
-Each runs under every security configuration, both dialects, small and default
+Each runs under every security configuration, every dialect (AUTO too), small and default
 limits, whole, in seeded chunks and byte by byte (`fuzz_harness.replay`).
 `valid-CONFIG-DIALECT-*` inputs must also get through the handshake, with
 no error, under their configuration and dialect."""

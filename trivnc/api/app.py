@@ -17,7 +17,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
-from ..rfb.connection import SecurityConfig, ServerConnection
+from ..rfb.connection import Dialect, SecurityConfig, ServerConnection
 from .backend import ApiBackend, ApiUser
 from .blueprint import authenticate, parse_basic_credentials
 from .stream import WebSocketStream
@@ -106,8 +106,13 @@ def create_app(context: ServerContext, backend: ApiBackend, web_root: Path | Non
             stream = WebSocketStream(websocket._get_current_object())  # type: ignore[attr-defined]
             # HTTP Basic already authenticated the user: RFB security is None
             # (as in KasmVNC), and the session carries the user's permissions.
+            # KasmVNC's web client offers "binary" and speaks its own dialect;
+            # upstream noVNC offers nothing. With "binary", the connection
+            # tells the two apart by what the client sends first (Dialect.AUTO,
+            # trivnc.rfb.connection "Dialect detection").
             conn = ServerConnection(
                 SecurityConfig(allow_none=True),
+                dialect=Dialect.AUTO if "binary" in offered else Dialect.STANDARD,
                 clipboard_max_size=context.config.clipboard_max_size,
             )
             await context.run_session(stream, conn, f"{peer}:ws", user=user, transport="websocket")

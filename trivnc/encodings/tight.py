@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,10 @@ class TightSettings:
     #: Video mode: every rect goes lossy (JPEG, or WebP when allowed) without
     #: analysis, once JPEG is allowed.
     video: bool = False
+    #: In video mode, images are sent at this fraction of the rect's size
+    #: (KasmVNC's web client draws each image stretched to its rect; only
+    #: for such clients). 1.0: full size.
+    video_scale: float = 1.0
     #: Every zlib rect starts its stream afresh (reset bit set), so each rect
     #: decodes on its own and its bytes depend only on pixels, format and
     #: settings: the server shares such rects between viewers. Costs some
@@ -158,6 +163,8 @@ class TightSettings:
             raise ValueError(f"fine quality {self.fine_quality} is not in 0..100")
         if self.subsampling is not None and not isinstance(self.subsampling, Subsampling):
             raise ValueError(f"subsampling {self.subsampling!r} is not a Subsampling")
+        if not 0 < self.video_scale <= 1:
+            raise ValueError(f"video scale {self.video_scale} is not in (0, 1]")
         if not 0 <= self.compress_level <= 9:
             raise ValueError(f"compress level {self.compress_level} is not in 0..9")
         if self.png_mode and (self.allow_webp or self.allow_qoi or self.allow_gradient):
@@ -397,12 +404,11 @@ def qoi_bytes_per_pixel(pixels: Pixels) -> float:
     same = (d == 0).all(axis=-1)
     small = ((d >= -2) & (d <= 1)).all(axis=-1) & ~same
     drg, dbg = dr - dg, db - dg
-    luma = (
-        (dg >= -32) & (dg <= 31) & (drg >= -8) & (drg <= 7) & (dbg >= -8) & (dbg <= 7)
-    ) & ~(same | small)
+    near = (dg >= -32) & (dg <= 31) & (drg >= -8) & (drg <= 7) & (dbg >= -8) & (dbg <= 7)
+    luma = near & ~(same | small)
     other = ~(same | small | luma)
-    n = same.size
-    return float(small.sum() + 2 * luma.sum() + 4 * other.sum()) / n
+    cost = int(small.sum()) + 2 * int(luma.sum()) + 4 * int(other.sum())
+    return cost / float(same.size)
 
 
 def qoi_pays(pixels: Pixels) -> bool:
@@ -447,6 +453,26 @@ def _gradient_residuals(components: npt.NDArray[Any], maxes: tuple[int, int, int
 # The encoder
 
 
+def scale_down(pixels: Pixels, scale: float) -> Pixels:
+    """The image at `scale` of its size (at least 1x1), each output pixel the
+    mean of the 2x2 source pixels around its centre: a bilinear filter at
+    the factors video needs (0.5 to 1), and cheap."""
+    h, w = pixels.shape[:2]
+    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+    ys = np.minimum(((np.arange(th) + 0.5) * (h / th)).astype(np.intp), h - 1)
+    xs = np.minimum(((np.arange(tw) + 0.5) * (w / tw)).astype(np.intp), w - 1)
+    y0, x0 = np.maximum(ys - 1, 0), np.maximum(xs - 1, 0)
+    rows0, rows1 = pixels[y0], pixels[ys]
+    total = rows0[:, x0].astype(np.uint16)
+    total += rows0[:, xs]
+    total += rows1[:, x0]
+    total += rows1[:, xs]
+    total += 2
+    total >>= 2
+    out: Pixels = total.astype(np.uint8)
+    return out
+
+
 def _check_rect(pixels: Pixels) -> None:
     if pixels.ndim != 3 or pixels.shape[2] != 4 or pixels.dtype != np.uint8:
         raise ValueError(f"expected BGRX uint8 (h, w, 4), got {pixels.dtype} {pixels.shape}")
@@ -476,6 +502,14 @@ class TightEncoder:
         self.settings = settings if settings is not None else TightSettings()
         self._streams = [self._new_stream(i) for i in range(4)]
         self._pending_reset = 0b1111
+        #: Seconds spent scaling video images down, per rect, until taken
+        #: (appended from worker threads; list.append is atomic).
+        self._scaling: list[float] = []
+
+    def take_scaling_time(self) -> float:
+        """Seconds spent scaling video since the last call."""
+        taken, self._scaling = self._scaling, []
+        return sum(taken)
 
     def _new_stream(self, stream: int) -> Any:
         level = self.settings.zlib_level(stream)
@@ -563,6 +597,10 @@ class TightEncoder:
         if lossy and s.video and not s.png_mode:
             # Video mode: the area is known to be moving pictures; skip the
             # analysis (KasmVNC's video mode does the same).
+            if s.video_scale < 1.0:
+                started = time.perf_counter()
+                pixels = scale_down(pixels, s.video_scale)
+                self._scaling.append(time.perf_counter() - started)
             return self._webp(pixels) if s.allow_webp else self._jpeg(pixels)
         if lossy and s.jpeg_parameters()[1] is Subsampling.GRAY:
             # A client that asked for greyscale gets every rect as JPEG, as
@@ -574,6 +612,8 @@ class TightEncoder:
             # so it is neither a fill nor a palette rect, and goes lossy.
             limit = self._max_colours(pixels.shape[0] * pixels.shape[1], pf)
             if _sample_colours(pixels) > limit:
+                if s.allow_qoi and qoi_pays(pixels):
+                    return self._qoi(pixels)
                 return self._webp(pixels) if s.allow_webp else self._jpeg(pixels)
         values = self._values(pixels, pf)
         # A palette PNG pays whenever there is one; Tight's palette only when
@@ -588,13 +628,14 @@ class TightEncoder:
             return self._png(pixels, pf, palette)
         if palette is not None:
             return Deferred(pixels, pf, values, palette, photo=False)
-        if lossy:
-            return self._webp(pixels) if s.allow_webp else self._jpeg(pixels)
         if s.allow_qoi and high_bpp and qoi_pays(pixels):
             # KasmVNC sends every non-solid rect as QOI once the client takes
-            # it; trivnc only the full-colour lossless ones that QOI packs
-            # better than zlib (smooth: gradients, anti-aliased drawing).
+            # it; trivnc only full-colour ones that QOI packs better than zlib
+            # (smooth: gradients, anti-aliased drawing), lossless even when
+            # lossy is allowed (no banding); photos still go lossy.
             return self._qoi(pixels)
+        if lossy:
+            return self._webp(pixels) if s.allow_webp else self._jpeg(pixels)
         return Deferred(pixels, pf, values, None, photo=_is_photo(values))
 
     def finish(self, item: Payload | Deferred) -> Payload:

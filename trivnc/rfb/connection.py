@@ -12,6 +12,22 @@
 # ServerInit contents, TLS) come out as events and the application answers
 # through a method. Any protocol error moves the connection to ERROR, for good:
 # every later call raises the same error (h11's sticky error state).
+#
+# Dialect detection (Dialect.AUTO; trivnc uses it on the WebSocket only, when
+# the client offered the "binary" subprotocol, as KasmVNC's web client does;
+# raw TCP is always STANDARD). KasmVNC's dialect cannot be negotiated
+# (protocol.md B.7.4), but its web client always sends, right after
+# ServerInit, SetPixelFormat, VideoEncodersRequest (184), SetEncodings with
+# its own pseudo-encodings (-2048..-770: WebP -1024, QOI -1886, -1885, -1884,
+# the quality and video knobs), a full update request, and only then input.
+# So, while undecided, the connection reads the messages both dialects share
+# as standard, and:
+#   - a message type only the Kasm dialect has (178-191, 252; in practice
+#     184), or a SetEncodings with any value in -2048..-770, selects KASM;
+#   - a PointerEvent or a ClientCutText (whose layout or meaning differ
+#     between the dialects) selects STANDARD before it is read.
+# The choice is final (a later Kasm SetEncodings does not change it) and is
+# reported as `DialectSelected`, before the deciding message's own event.
 from __future__ import annotations
 
 import enum
@@ -22,8 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..geometry import Rect
+from . import constants, writers
 from . import events as ev
-from . import writers
 from .auth import CHALLENGE_SIZE, check_vnc_auth
 from .capabilities import ClientCapabilities
 from .constants import (
@@ -39,13 +55,8 @@ from .constants import (
 from .errors import AuthenticationFailed, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .pixelformat import BGRX, PixelFormat
 
-
-class Dialect(enum.Enum):
-    """Standard RFB, or the KasmVNC web client's incompatible variant
-    (11-byte PointerEvent, messages 178-191 and 252). Chosen by the I/O layer."""
-
-    STANDARD = "standard"
-    KASM = "kasm"
+#: The I/O layer chooses a connection's dialect here (defined in constants).
+Dialect = constants.Dialect
 
 
 class State(enum.Enum):
@@ -481,6 +492,9 @@ class ServerConnection:
         encodings = struct.unpack(f">{count}i", data[4:])
         self.capabilities = ClientCapabilities.from_encodings(encodings)
         caps = self.capabilities
+        selected = self.dialect is Dialect.AUTO and caps.is_kasm_client
+        if selected:
+            self.dialect = Dialect.KASM
         # Obligations on first sight of a capability (rfbproto "Fence",
         # "ContinuousUpdates") and on every sight of ExtendedClipboard.
         if caps.fence and not self._seen_fence:
@@ -489,7 +503,7 @@ class ServerConnection:
         if caps.continuous_updates and not self._seen_continuous_updates:
             self._seen_continuous_updates = True
             self._outgoing += writers.end_of_continuous_updates()
-        if caps.extended_clipboard and self.dialect == Dialect.STANDARD:
+        if caps.extended_clipboard and self.dialect is not Dialect.KASM:
             actions = (
                 ClipboardFlags.REQUEST
                 | ClipboardFlags.PEEK
@@ -499,7 +513,16 @@ class ServerConnection:
             self._outgoing += writers.clipboard_caps(
                 {ClipboardFlags.TEXT: self.clipboard_max_size}, actions
             )
+        if selected:
+            self._pending.append(ev.SetEncodings(encodings))
+            return ev.DialectSelected(Dialect.KASM)
         return ev.SetEncodings(encodings)
+
+    def _r_auto_select(self, dialect: Dialect) -> ev.Event:
+        """Dialect.AUTO, undecided: the next message decides. It stays in the
+        buffer and is read with the chosen dialect's readers."""
+        self.dialect = dialect
+        return ev.DialectSelected(dialect)
 
     def _r_update_request(self) -> ev.Event | None:
         data = self._take_fixed(10)
@@ -813,7 +836,20 @@ _KASM_READERS: dict[int, Callable[[ServerConnection], ev.Event | None]] = {
     ),
 }
 
+#: Dialect.AUTO before it is decided (see "Dialect detection" at the top).
+_AUTO_READERS: dict[int, Callable[[ServerConnection], ev.Event | None]] = {
+    **_STANDARD_READERS,
+    ClientMessage.POINTER_EVENT: lambda c: c._r_auto_select(Dialect.STANDARD),
+    ClientMessage.CLIENT_CUT_TEXT: lambda c: c._r_auto_select(Dialect.STANDARD),
+    **{
+        t: lambda c: c._r_auto_select(Dialect.KASM)
+        for t in _KASM_READERS
+        if t not in _STANDARD_READERS
+    },
+}
+
 _READERS: dict[Dialect, dict[int, Callable[[ServerConnection], ev.Event | None]]] = {
     Dialect.STANDARD: _STANDARD_READERS,
     Dialect.KASM: _KASM_READERS,
+    Dialect.AUTO: _AUTO_READERS,
 }

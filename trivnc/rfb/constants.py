@@ -4,7 +4,19 @@
 # bounds so that code reads `QUALITY_LEVEL_LO <= e <= QUALITY_LEVEL_HI`.
 from __future__ import annotations
 
-from enum import IntEnum, IntFlag
+from enum import Enum, IntEnum, IntFlag
+
+
+class Dialect(Enum):
+    """Standard RFB, or the KasmVNC web client's incompatible variant
+    (11-byte PointerEvent, messages 178-191 and 252). AUTO starts standard
+    and settles on one of the two from what the client sends first (see
+    `trivnc.rfb.connection`, "Dialect detection"); the I/O layer chooses AUTO
+    only where a KasmVNC client may connect (the WebSocket)."""
+
+    STANDARD = "standard"
+    KASM = "kasm"
+    AUTO = "auto"
 
 
 class ProtocolVersion(IntEnum):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..geometry import Rect
+from .constants import Dialect
 from .pixelformat import PixelFormat
 
 
@@ -182,6 +183,14 @@ class XvpRequest(Event):
 
 
 # -- normal phase: KasmVNC dialect ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DialectSelected(Event):
+    """A connection in Dialect.AUTO settled on `dialect` (STANDARD or KASM),
+    for good. Comes out before the event of the message that decided it."""
+
+    dialect: Dialect
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,6 +124,8 @@ class EncodeStats:
     cpu: dict[str, float]
     count: dict[str, int]
     area: dict[str, int]
+    #: Seconds spent scaling video down (frame stats' videoscaling).
+    scaling: float = 0.0
 
     @classmethod
     def empty(cls) -> EncodeStats:
@@ -150,6 +152,7 @@ class SessionEncoders:
         #: the client's), and video mode (see trivnc.server.adapt).
         self.quality_level: int | None = None
         self.video = False
+        self.video_scale = 1.0
         #: WebP in place of JPEG, for a client that announced it, only while
         #: the CPU keeps up (trivnc.server.kasm.use_webp decides).
         self.webp_affordable = True
@@ -174,14 +177,20 @@ class SessionEncoders:
             self.shared_mode = shared
             self._encoders.pop(Encoding.TIGHT, None)
 
-    def set_adaptive(self, quality_level: int | None, video: bool) -> None:
+    def set_adaptive(
+        self, quality_level: int | None, video: bool, video_scale: float = 1.0
+    ) -> None:
         """Apply the adaptive quality level and video mode from the next
         rect on. Tight is rebuilt when its settings change (its zlib streams
         restart, which the reset bits tell the client); the adaptive code
         changes them a few times a second at most."""
-        if (quality_level, video) == (self.quality_level, self.video):
+        if (quality_level, video, video_scale) == (
+            self.quality_level,
+            self.video,
+            self.video_scale,
+        ):
             return
-        self.quality_level, self.video = quality_level, video
+        self.quality_level, self.video, self.video_scale = quality_level, video, video_scale
         tight = self._encoders.get(Encoding.TIGHT)
         if isinstance(tight, TightEncoder) and tight.settings != self._tight_settings(False):
             self._encoders.pop(Encoding.TIGHT, None)
@@ -203,8 +212,8 @@ class SessionEncoders:
             settings = replace(settings, independent_rects=True)
         if self.quality_level is not None and settings.jpeg_allowed:
             settings = replace(settings, quality_level=self.quality_level, fine_quality=None)
-        if self.video and settings.jpeg_allowed:
-            settings = replace(settings, video=True)
+        if self.video and settings.jpeg_allowed and not png_mode:
+            settings = replace(settings, video=True, video_scale=self.video_scale)
         return settings
 
     def encoder(self, encoding: int) -> RectEncoder:
@@ -374,6 +383,8 @@ async def encode_rects(
                 encode_batch, encoder, pixels, todo, pf, limiter=limiter
             )
         stats.add(name, cpu, todo)
+        if isinstance(encoder, TightEncoder):
+            stats.scaling += encoder.take_scaling_time()
         return payloads
 
     if share is None:

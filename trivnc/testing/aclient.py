@@ -413,12 +413,15 @@ async def wrap_stream(
     handshake_timeout: float = DEFAULT_TIMEOUT,
     security_types: Sequence[int] | None = None,
     vencrypt_subtypes: Sequence[int] | None = None,
+    client_class: type[VncClient] | None = None,
 ) -> AsyncIterator[VncClient]:
     """Run the RFB handshake over `stream` (which this takes ownership of and
     closes), send SetPixelFormat and SetEncodings (and, in the kasm dialect,
     VideoEncodersRequest between them, as KasmVNC's web client does), and
     yield the client with its receive task running. `encodings=None` sends
-    no SetEncodings. No update is requested: that is the test's call."""
+    no SetEncodings. No update is requested: that is the test's call.
+    `client_class` is a VncClient subclass to create instead (e.g. one that
+    answers more server messages by itself, trivnc.testing.kasm.KasmClient)."""
     conn = ClientConnection(
         version=version,
         password=password,
@@ -429,7 +432,7 @@ async def wrap_stream(
         security_types=security_types,
         vencrypt_subtypes=vencrypt_subtypes,
     )
-    client = VncClient(stream, conn, auto_fence_reply=auto_fence_reply)
+    client = (client_class or VncClient)(stream, conn, auto_fence_reply=auto_fence_reply)
     try:
         with trio.fail_after(handshake_timeout):
             await client._handshake(ssl_context, server_hostname)

@@ -920,7 +920,7 @@ class ClientConnection:
             # rfbproto only recommends UTF-8 here; old servers send Latin-1.
             name = raw_name.decode("latin-1")
         self.name = name
-        self.decode_state = DecodeState(pf=pf)
+        self.decode_state = DecodeState(pf=pf, scale_images=self.dialect == "kasm")
         self._fb = np.zeros((height, width, 4), np.uint8)
         event = ServerInit(width, height, pf, name)
         self.server_init = event

@@ -60,7 +60,9 @@ def decode_tight(state: DecodeState, fb: Framebuffer, rect: Rect, *, png: bool) 
         if state.pf.bits_per_pixel not in (16, 32):
             raise RemoteProtocolError("Tight JPEG needs a 16 or 32 bpp pixel format")
         data = yield from _read_compact_data()
-        out = _image(_jpeg_size(data), rect, lambda: imagecodecs.jpeg8_decode(data), "JPEG")
+        out = _image(
+            _jpeg_size(data), rect, lambda: imagecodecs.jpeg8_decode(data), "JPEG", state
+        )
         name = "jpeg"
         state.lossy_rects += 1
     elif kind == TightControl.PNG >> 4 and png:
@@ -69,7 +71,9 @@ def decode_tight(state: DecodeState, fb: Framebuffer, rect: Rect, *, png: bool) 
         name = "png"
     elif kind == TightControl.WEBP >> 4:
         data = yield from _read_compact_data()
-        out = _image(_webp_size(data), rect, lambda: imagecodecs.webp_decode(data), "WebP")
+        out = _image(
+            _webp_size(data), rect, lambda: imagecodecs.webp_decode(data), "WebP", state
+        )
         name = "webp"
         state.lossy_rects += 1
     elif kind == TightControl.QOI >> 4:
@@ -237,9 +241,24 @@ def _ungradient(pf: PixelFormat, data: bytes, h: int, w: int) -> U8Array:
 # -- image payloads ------------------------------------------------------------------
 
 
-def _image(size: tuple[int, int], rect: Rect, decode: Callable[[], Any], what: str) -> U8Array:
+def _image(
+    size: tuple[int, int],
+    rect: Rect,
+    decode: Callable[[], Any],
+    what: str,
+    stretch: DecodeState | None = None,
+) -> U8Array:
     """Check the header's (width, height) against the rect, then decode and
-    turn the RGB / grey image into BGRX."""
+    turn the RGB / grey image into BGRX. With `stretch` (a state whose
+    scale_images is on), a smaller image is stretched over the rect."""
+    scaled = stretch is not None and stretch.scale_images and size != (rect.w, rect.h)
+    if scaled and 0 < size[0] <= rect.w and 0 < size[1] <= rect.h:
+        assert stretch is not None
+        stretch.scaled_rects += 1
+        small = _image(size, Rect(0, 0, *size), decode, what)
+        ys = np.arange(rect.h) * size[1] // rect.h
+        xs = np.arange(rect.w) * size[0] // rect.w
+        return small[ys][:, xs]
     if size != (rect.w, rect.h):
         raise RemoteProtocolError(f"{what} image is {size[0]}x{size[1]}, rect is {rect.w}x{rect.h}")
     try:

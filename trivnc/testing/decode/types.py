@@ -25,6 +25,11 @@ class DecodeState:
     zlib_stream: zlib._Decompress = field(default_factory=zlib.decompressobj)
     zrle_stream: zlib._Decompress = field(default_factory=zlib.decompressobj)
     tight_streams: list[zlib._Decompress] = field(default_factory=_tight_streams)
+    #: Draw JPEG and WebP images smaller than their rect stretched over it,
+    #: as KasmVNC's web client does (video-mode scaling).
+    scale_images: bool = False
+    #: Images drawn stretched so, counted for tests.
+    scaled_rects: int = 0
     #: Tight rects that carried a JPEG/WebP (lossy) payload, counted for tests.
     lossy_rects: int = 0
     #: Tight sub-encodings seen, by name ("fill", "jpeg", "palette", ...).
