@@ -22,7 +22,10 @@ repeats:
                per second, put->view latency p50/p95 and its trend over the
                window (median of the first third vs the last third, and the
                slope of a line through all: a queue that grows shows as a
-               rising latency), bytes/s and PSNR.
+               rising latency), bytes/s and PSNR. This viewer behaves as
+               TigerVNC's: it announces Fence and ContinuousUpdates, answers
+               fences, and uses continuous updates where the server has them
+               (trivnc, X0tigervnc); x11vnc is asked for each update.
 
 It ends with one table: per section and metric, each server's figure and the
 ratios trivnc / X0tigervnc and trivnc / x11vnc, then the issue's targets
@@ -201,6 +204,7 @@ def video_extras(ctx: RunContext) -> list[Row]:
                 r = measure(
                     port, {**ctx.pids, "proxy": process.pid}, ctx.workload, ctx.width,
                     ctx.height, ctx.driver.clock, slow_args, ctx.reference, max_latency=30.0,
+                    continuous=True,
                 )  # fmt: skip
             r.pop("counters_per_second")
             r = {"section": "slow_link", **tag, "rate": args.slow_rate, **r}

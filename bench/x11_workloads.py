@@ -112,6 +112,7 @@ from trivnc.testing.decode import DecodeState, decode_rect
 
 U8Array = npt.NDArray[np.uint8]
 
+FENCE, CONTINUOUS_UPDATES = -312, -313
 ENCODINGS = [
     Encoding.TIGHT,
     Encoding.COPY_RECT,  # every desktop viewer offers it (scrolls, window moves)
@@ -539,7 +540,14 @@ class Viewer:
         reference: Callable[[int], U8Array] | None = None,
         psnr_interval: float = 0.25,
         max_latency: float = 5.0,
+        continuous: bool = False,
     ) -> None:
+        # continuous: behave as TigerVNC's viewer does with a server that
+        # can: announce Fence and ContinuousUpdates, answer fences, and turn
+        # continuous updates on once the server confirms them (150); servers
+        # that cannot are asked for each update as usual.
+        self.continuous = continuous
+        self.cu_enabled = False
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
@@ -651,7 +659,8 @@ class Viewer:
         (name_length,) = struct.unpack(">I", self.read(4))
         self.read(name_length)
         self._new_fb(width, height)
-        encodings = struct.pack(f">BxH{len(ENCODINGS)}i", 2, len(ENCODINGS), *ENCODINGS)
+        wanted = ENCODINGS + ([FENCE, CONTINUOUS_UPDATES] if self.continuous else [])
+        encodings = struct.pack(f">BxH{len(wanted)}i", 2, len(wanted), *wanted)
         self.sock.sendall(b"\x00\x00\x00\x00" + BGRX.pack() + encodings)
         self.t_request = time.monotonic()
         self.sock.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
@@ -685,14 +694,24 @@ class Viewer:
             elif kind == 3:  # ServerCutText
                 (n,) = struct.unpack(">3xI", self.read(7))
                 self.skip(n)
-            elif kind == 248:  # ServerFence
+            elif kind == 248:  # ServerFence: answer requests, as viewers must
                 head = self.read(8)
-                self.skip(head[-1])
+                (flags,) = struct.unpack(">I", head[3:7])
+                payload = self.read(head[-1])
+                if flags & 1 << 31:
+                    reply = struct.pack(">B3xIB", 248, flags & 0x7, len(payload)) + payload
+                    self.sock.sendall(reply)
+            elif kind == 150 and self.continuous and not self.cu_enabled:
+                # The server has continuous updates: turn them on.
+                self.cu_enabled = True
+                height, width = self.fb.shape[:2]
+                self.sock.sendall(struct.pack(">BBHHHH", 150, 1, 0, 0, width, height))
             elif kind not in (2, 150):  # Bell, EndOfContinuousUpdates
                 raise RuntimeError(f"unexpected server message {kind}")
 
     def _update(self, first_byte: float) -> None:
-        latency = first_byte - self.t_request if first_byte >= self.t_request else math.nan
+        requested = not self.cu_enabled and first_byte >= self.t_request
+        latency = first_byte - self.t_request if requested else math.nan
         (nrects,) = struct.unpack(">xH", self.read(3))
         area = 0
         hit = False
@@ -717,7 +736,8 @@ class Viewer:
             if self.stale is not None:
                 self.stale[rect.slices()] = lean
         end = time.monotonic()
-        self.request()  # at once, before any bookkeeping
+        if not self.cu_enabled:
+            self.request()  # at once, before any bookkeeping
         if resized and self.marker is not None:
             hit = True
         self.updates.append((end, latency, area, hit))
@@ -855,6 +875,7 @@ def measure(
     *,
     max_latency: float = 5.0,
     counters: Callable[[], dict[str, float]] | None = None,
+    continuous: bool = False,
 ) -> dict[str, Any]:
     """One viewer on `port` (the server's, or a proxy's in front of it):
     warm-up, then a window of args.seconds. CPU figures are read for every
@@ -864,7 +885,7 @@ def measure(
     area = region(workload, width, height)
     viewer = Viewer(
         port, area, clock, decode_all=args.decode == "full", reference=reference,
-        max_latency=max_latency,
+        max_latency=max_latency, continuous=continuous,
     )  # fmt: skip
     try:
         viewer.run(time.monotonic() + args.warmup)
