@@ -328,7 +328,10 @@ async def test_frame_stats_spans_add_up_to_server_time(slow_encoder: float, tmp_
     spans = {s["process_name"]: s["time"] for s in stats["server_side"]}
     order = ["Screenshot", "Analysis", "Queue", "Encoding_total", "Send"]
     assert [name for name in spans if name in order] == order
-    total = sum(spans[name] for name in order)
+    # Encoder entries (with a rect count) break Encoding_total down by CPU;
+    # every other entry is a span of the frame's timeline.
+    timeline = [s for s in stats["server_side"] if "count" not in s]
+    total = sum(s["time"] for s in timeline)
     assert abs(total - server_time) <= 0.1 * server_time, (spans, server_time)
     # The spans are real: the encoder's injected 80 ms shows where it was spent.
     assert spans["Encoding_total"] >= slow_encoder * 1000

@@ -21,6 +21,7 @@ import trio
 from ..geometry import Rect
 from ..sources.base import Damage, Pixels, Source
 from .damage import TILE, TileMask, changed_tiles, full_mask
+from .scroll import Move, ScrollDetector, search_areas
 from .timing import FrameTiming, TimingHistory
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ class Frame:
     version: int
     pixels: Pixels
     timing: FrameTiming
+    #: Parts of this frame that are exact copies of the previous version's
+    #: pixels elsewhere (scrolls), found by content: sessions whose client
+    #: has exactly that version may send them as CopyRect.
+    moves: tuple[Move, ...] = ()
 
     @property
     def width(self) -> int:
@@ -69,6 +74,7 @@ class FramebufferService:
         defer_update: float = 0.004,
         damage_history: int = 120,
         timing_history: int = 256,
+        detect_scrolls: bool = True,
     ) -> None:
         if max_frame_rate <= 0:
             raise ValueError("max_frame_rate must be positive")
@@ -90,6 +96,8 @@ class FramebufferService:
         self._force_full = False
         self._waiting: trio.CancelScope | None = None
         self._ready = trio.Event()
+        #: Scroll search (None: off); used only in the capture worker thread.
+        self._scroll: ScrollDetector | None = ScrollDetector() if detect_scrolls else None
 
     # -- consumers -----------------------------------------------------------------
 
@@ -213,25 +221,36 @@ class FramebufferService:
         timing = FrameTiming(version, width, height)
         force = self._force_full
         previous = None if prev is None or force else prev.pixels
+        scroll = self._scroll
 
-        def capture_and_compare() -> tuple[Pixels, TileMask, float, float]:
-            # One worker-thread trip per frame for both steps: each trip to a
+        def capture_and_compare() -> tuple[Pixels, TileMask, list[Move], list[float]]:
+            # One worker-thread trip per frame for all steps: each trip to a
             # thread and back costs about as much as comparing the tiles.
             started = time.perf_counter()
             pixels = self.source.capture(damage)
             captured = time.perf_counter()
             h, w = pixels.shape[:2]
+            moves: list[Move] = []
             if previous is None or previous.shape != pixels.shape:
                 mask = full_mask(w, h)
-            else:
-                mask = changed_tiles(previous, pixels, damage)
-            return pixels, mask, captured - started, time.perf_counter() - captured
+                return pixels, mask, moves, [captured - started, time.perf_counter() - captured]
+            mask = changed_tiles(previous, pixels, damage)
+            compared = time.perf_counter()
+            spans = [captured - started, compared - captured]
+            if scroll is not None and prev is not None:
+                areas = search_areas(mask, _damage_box(damage), w, h)
+                if areas:
+                    moves = scroll.detect(prev.version, previous, version, pixels, areas)
+                    spans.append(time.perf_counter() - compared)
+            return pixels, mask, moves, spans
 
-        pixels, mask, t_capture, t_analysis = await trio.to_thread.run_sync(
+        pixels, mask, moves, spans = await trio.to_thread.run_sync(
             capture_and_compare, limiter=self.limiter
         )
-        timing.spans["Screenshot"] = t_capture
-        timing.spans["Analysis"] = t_analysis
+        timing.spans["Screenshot"] = spans[0]
+        timing.spans["Analysis"] = spans[1]
+        if len(spans) > 2:
+            timing.spans["ScrollDetection"] = spans[2]
         pixels.flags.writeable = False
         height, width = pixels.shape[:2]
         timing.width, timing.height = width, height
@@ -245,7 +264,7 @@ class FramebufferService:
             self._masks.clear()  # older masks have another shape; sessions resend all
             log.info("desktop size is now %dx%d", width, height)
         timing.changed_area = _mask_area(mask, width, height)
-        frame = Frame(version, pixels, timing)
+        frame = Frame(version, pixels, timing, tuple(moves))
         exact = (
             previous is not None
             and previous.shape == pixels.shape
@@ -265,6 +284,16 @@ def _merge(a: Damage, b: Damage) -> Damage:
         # No rects means "look everywhere", which covers the other hint.
         return Damage(full=a.full or b.full)
     return Damage(a.rects + b.rects)
+
+
+def _damage_box(damage: Damage) -> Rect | None:
+    """The bounding box of a damage hint's rects (None: anywhere)."""
+    if damage.full or not damage.rects:
+        return None
+    box = Rect(0, 0, 0, 0)
+    for r in damage.rects:
+        box = box.union(r)
+    return box
 
 
 def _mask_area(mask: TileMask, width: int, height: int) -> int:

@@ -36,6 +36,7 @@ from ..rfb.constants import (
 )
 from ..rfb.errors import ProtocolError
 from ..sources.base import CursorImage, Pixels
+from . import copyrect, kasm
 from .adapt import DynamicQuality, VideoDetector
 from .congestion import Congestion, InFlight
 from .encoding import EncodeStats, SessionEncoders, encode_rects
@@ -133,9 +134,14 @@ class ClientSession:
         #: fence reply (the client processed it).
         self.client_times: dict[int, float] = {}
         self.client_time_event = trio.Event()
+        #: KasmVNC dialect state (trivnc.server.kasm), and the largest size
+        #: its client wants video-mode images at (message 252), if it said.
+        self.kasm = kasm.KasmState()
+        self.max_video_resolution: tuple[int, int] | None = None
         self._last_encode_wall = 0.0
         #: (encode start, encode end) of the update being sent, perf_counter.
         self._encode_span = (0.0, 0.0)
+        self._scaling_time = 0.0
         self._last_frame_sent = 0
         self.stream = stream
         self.conn = conn
@@ -213,6 +219,7 @@ class ClientSession:
             if self._unsubscribe is not None:
                 self._unsubscribe()
             self.context.sessions.discard(self)
+            kasm.user_left(self)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self._release_input()
             await self._flush_quietly()
@@ -304,6 +311,7 @@ class ClientSession:
                     self._hints = None
                     await self.stream.send_all(self.conn.data_to_send())
                     self.context.sessions.add(self)
+                    kasm.user_joined(self, event.shared)
                     log.info("%s: connected (%s)", self.peer, self.username or "no user")
                     return
 
@@ -401,11 +409,6 @@ class ClientSession:
                 await self.context.client_clipboard(self, text)
             case ev.ClipboardProvide(text=text) if self.can_write and text is not None:
                 await self.context.client_clipboard(self, text)
-            case ev.KasmBinaryClipboard(items=items) if self.can_write:
-                for mime, data in items:
-                    if mime.startswith("text/plain"):
-                        await self.context.client_clipboard(self, data.decode("utf-8", "replace"))
-                        break
             case ev.ClipboardRequest(formats=formats) if formats & ClipboardFlags.TEXT:
                 text = self.context.clipboard
                 if text is not None:
@@ -424,6 +427,8 @@ class ClientSession:
                     (DesktopSizeReason.THIS_CLIENT, DesktopSizeStatus.PROHIBITED, None)
                 )
                 self.poke()
+            case _ if isinstance(event, kasm.EVENTS):
+                await kasm.handle(self, event)
             case _:
                 pass  # input from read-only users and messages with nothing to do
 
@@ -489,6 +494,20 @@ class ClientSession:
             level = min(level, video_quality)
         return level
 
+    def _video_scale(self, frame: Frame) -> float:
+        """What video-mode images are scaled by: to fit the largest video
+        size (the server's, or less if the client sent 252), for KasmVNC's
+        web client, which stretches each image back over its rect."""
+        if not self.video.active or self.conn.dialect is not Dialect.KASM:
+            return 1.0
+        max_w, max_h = self.video.settings.max_width, self.video.settings.max_height
+        if self.max_video_resolution is not None:
+            max_w = min(max_w, self.max_video_resolution[0])
+            max_h = min(max_h, self.max_video_resolution[1])
+        scale = min(1.0, max_w / frame.width, max_h / frame.height)
+        # Steps of 1/16: a size that wobbles would rebuild the encoder.
+        return max(1, int(scale * 16)) / 16 if scale < 1.0 else 1.0
+
     async def _on_set_desktop_size(self, width: int, height: int) -> None:
         ok = 0 < width <= 16384 and 0 < height <= 16384
         done = ok and await self.context.source.set_size(width, height)
@@ -521,9 +540,7 @@ class ClientSession:
         it answers with a request, or old-style Latin-1 cut text)."""
         caps = self.conn.capabilities
         if self.conn.dialect is Dialect.KASM:
-            self._send_control(
-                writers.kasm_binary_clipboard([(0, "text/plain", text.encode())]), "clipboard"
-            )
+            self._send_control(kasm.desktop_clipboard(text), "clipboard")
         elif caps.extended_clipboard:
             self._send_control(writers.clipboard_notify(ClipboardFlags.TEXT), "clipboard")
         else:
@@ -614,6 +631,7 @@ class ClientSession:
         if sending_update and not self._may_send_update(frame):
             sending_update = False
         update = await self._framebuffer_update(frame) if sending_update else []
+        out += kasm.frame_stats_request(self, frame.version) if update else []
         out += update
         if not any(out):
             return False
@@ -679,7 +697,9 @@ class ClientSession:
         if self.frame_rate < self.context.service.max_frame_rate:
             self._next_update_at = self._encode_span[0] + 1.0 / self.frame_rate
         encode_start, encode_end = self._encode_span
-        self.context.service.record_update_sent(frame.version, encode_start, encode_end, written)
+        self.context.service.record_update_sent(
+            frame.version, encode_start, encode_end, written, self._scaling_time
+        )
 
     def _size_update(
         self, frame: Frame, replies: list[tuple[DesktopSizeReason, DesktopSizeStatus]]
@@ -766,7 +786,12 @@ class ClientSession:
         screen = Rect(0, 0, min(client_w, frame.width), min(client_h, frame.height))
         continuous = self.conn.continuous_updates
         area = (continuous if continuous is not None else self._requested).intersect(screen)
+        stale = copyrect.stale_tiles(
+            frame, self.conn.capabilities, self._sent_version, self._dirty, self._full_area
+        )
         rects = self._take_dirty(frame, area)
+        # Scrolled parts the client can copy from its own pixels: sent first.
+        copies, rects = copyrect.plan(frame, stale, area, screen, rects)
         if self._full_area is not None:
             full = self._full_area.intersect(screen)
             rects = [r for r in rects if not full.contains(r)]
@@ -774,7 +799,7 @@ class ClientSession:
                 rects.insert(0, full)
         self._full_area = None
         pseudo = self._pseudo_due
-        if not rects and not pseudo:
+        if not rects and not pseudo and not copies:
             return []  # nothing in the area yet: the request stays pending
         self._pseudo_due = []
         # With other viewers about, encode Tight so that they can share it.
@@ -783,7 +808,7 @@ class ClientSession:
         self.stats.frames_delivered += 1
         self._last_frame_sent = frame.version
         video = self.video.frame(frame.timing.changed_percent)
-        self.encoders.set_adaptive(self._quality_level(), video)
+        self.encoders.set_adaptive(self._quality_level(), video, self._video_scale(frame))
         started = time.perf_counter()
         stats = EncodeStats.empty()
         encoded = await encode_rects(
@@ -796,7 +821,9 @@ class ClientSession:
             self.conn.pixel_format,
             stats,
         )
+        encoded = [*copies, *encoded]
         encoded_at = time.perf_counter()
+        self._scaling_time = stats.scaling
         self._last_encode_wall = encoded_at - started
         self._encode_span = (started, encoded_at)
         for name, cpu in stats.cpu.items():
@@ -830,7 +857,7 @@ class ClientSession:
         for chunk in chunks:
             if not chunk:
                 continue
-            if len(chunk) >= 65536:
+            if len(chunk) >= 65536 or isinstance(chunk, kasm.Unbatched):
                 if batch:
                     await self._send(b"".join(batch))
                     batch, size = [], 0
