@@ -11,9 +11,9 @@
 # The client's Kasm pseudo-encodings (frame rate, dynamic quality, video
 # knobs, ...) are read by ClientCapabilities into `session.conn.capabilities
 # .kasm` (KasmSettings), in KasmVNC's order, earlier entries winning; that is
-# the one place the encoder scheduler reads them from. Video-mode scaling
-# (VideoScaling, MaxVideoResolution / message 252) is for the video code:
-# message 252 is kept as `session.max_video_resolution`.
+# the one place the encoder scheduler reads them from. Message 252 is kept as
+# `session.max_video_resolution`; the session's video mode scales images to
+# fit it (ClientSession._video_scale).
 from __future__ import annotations
 
 import logging
