@@ -4,6 +4,7 @@
 # costs no bytes on the wire. Tiles are 64x64, as ZRLE's and KasmVNC's.
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -116,7 +117,18 @@ def changed_tiles(prev: Pixels | None, cur: Pixels, damage: Damage) -> TileMask:
 
 def mask_to_rects(mask: TileMask, width: int, height: int) -> list[Rect]:
     """Dirty tiles as few rects: runs along each tile row, then runs with the
-    same columns merged down, clipped to the frame."""
+    same columns merged down, clipped to the frame. Remembered for the last
+    few masks: viewers that keep up all ask for the same one."""
+    return list(_mask_rects(np.packbits(mask).tobytes(), mask.shape, width, height))
+
+
+@functools.lru_cache(maxsize=16)
+def _mask_rects(packed: bytes, shape: tuple[int, ...], width: int, height: int) -> tuple[Rect, ...]:
+    mask = np.unpackbits(np.frombuffer(packed, np.uint8), count=shape[0] * shape[1])
+    return tuple(_runs_to_rects(mask.reshape(shape).astype(np.bool_), width, height))
+
+
+def _runs_to_rects(mask: TileMask, width: int, height: int) -> list[Rect]:
     open_runs: dict[tuple[int, int], Rect] = {}
     done: list[Rect] = []
     last_row = -2

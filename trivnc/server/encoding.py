@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 
 import trio
@@ -88,6 +88,9 @@ class EncodeCache:
         self._max = max_entries
         self._done: OrderedDict[Hashable, Payload] = OrderedDict()
         self._inflight: dict[Hashable, trio.Event] = {}
+        #: Whole updates (every rect shareable), for viewers whose damage is
+        #: the same: one lookup instead of one per rect.
+        self._updates: OrderedDict[Hashable, tuple[EncodedRect, ...]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -102,6 +105,17 @@ class EncodeCache:
         self._done[key] = payload
         while len(self._done) > self._max:
             self._done.popitem(last=False)
+
+    def get_update(self, key: Hashable) -> tuple[EncodedRect, ...] | None:
+        found = self._updates.get(key)
+        if found is not None:
+            self.hits += 1
+        return found
+
+    def put_update(self, key: Hashable, rects: Sequence[EncodedRect]) -> None:
+        self._updates[key] = tuple(rects)
+        while len(self._updates) > 64:
+            self._updates.popitem(last=False)
 
     def inflight(self, key: Hashable) -> trio.Event | None:
         return self._inflight.get(key)
@@ -390,6 +404,39 @@ async def encode_rects(
     if share is None:
         payloads = await batch(pieces)
         return [EncodedRect(r, encoding, p) for r, p in zip(pieces, payloads, strict=True)]
+
+    # Viewers that keep up all send the same rects of a frame: the first one
+    # to encode them records the whole update, the others take it at once.
+    whole = ("update", version, tuple(rects), pf, share)
+    if (event := cache.inflight(whole)) is not None:
+        await event.wait()
+    found = cache.get_update(whole)
+    if found is not None:
+        return list(found)
+    cache.begin(whole)
+    try:
+        out = await _encode_shared(cache, version, pieces, pf, share, encoding, encoders, batch)
+        if len(out) == len(pieces) and all(
+            shareable(e.encoding, e.payload, encoders.shared_mode) for e in out
+        ):
+            cache.put_update(whole, out)
+        return out
+    finally:
+        cache.end(whole)
+
+
+async def _encode_shared(
+    cache: EncodeCache,
+    version: int,
+    pieces: list[Rect],
+    pf: PixelFormat,
+    share: Hashable,
+    encoding: int,
+    encoders: SessionEncoders,
+    batch: Callable[[list[Rect]], Awaitable[list[Payload]]],
+) -> list[EncodedRect]:
+    """The rects of an update one by one through the cache: taken, awaited
+    while another session encodes them, or encoded here."""
 
     out: list[EncodedRect] = []
     mine: list[Rect] = []
