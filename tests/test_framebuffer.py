@@ -149,3 +149,32 @@ async def test_a_change_drawn_in_steps_within_the_deferral_is_one_frame() -> Non
         assert latest is not None and latest.version == 2  # one capture for both steps
         assert latest.pixels[5, 5, 0] == 1 and latest.pixels[205, 205, 0] == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_service_keeps_to_max_frame_rate_on_average() -> None:
+    """However often the source changes, captures average at most
+    max_frame_rate a second (a late one may let the next come sooner, never
+    more than one interval's credit)."""
+    source = ArraySource.from_array(desktop_like(200, 150))
+    service = FramebufferService(source, max_frame_rate=20, defer_update=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+
+        async def churn() -> None:
+            i = 0
+            while True:
+                source.pixels[0:5, 0:5] = i % 256
+                source.mark_changed(Rect(0, 0, 5, 5))
+                i += 1
+                await trio.sleep(0.002)
+
+        nursery.start_soon(churn)
+        await trio.sleep(0.3)
+        assert service.latest is not None
+        start_version, start = service.latest.version, trio.current_time()
+        await trio.sleep(1.5)
+        published = service.latest.version - start_version
+        elapsed = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert published <= 20 * elapsed + 2
+    assert published >= 20 * elapsed * 0.7

@@ -204,7 +204,7 @@ class FramebufferService:
             await self._capture(Damage(full=True))
             task_status.started()
             interval = 1.0 / self.max_frame_rate
-            next_allowed = trio.current_time()
+            next_allowed = slot = trio.current_time()
             while True:
                 # Pace first, then collect the damage: whatever changed while
                 # we slept is coalesced by the source into one hint.
@@ -212,7 +212,14 @@ class FramebufferService:
                 damage = await self._next_damage()
                 started = trio.current_time()
                 await self._capture(damage)
-                next_allowed = max(started + interval, trio.current_time())
+                # Captures keep to a schedule of one per interval on average,
+                # not a fixed gap after each: a capture that came late (the
+                # application drew late, the machine was busy) lets the next
+                # come up to half an interval sooner, so a 60 fps video is not
+                # aliased into dropped frames by jitter. Credit is at most one
+                # interval, so max_frame_rate holds over any two frames.
+                slot = max(slot, started - interval) + interval
+                next_allowed = max(slot, started + interval / 2, trio.current_time())
 
     async def _capture(self, damage: Damage) -> None:
         prev = self.latest
