@@ -17,7 +17,7 @@ import trio
 
 import trivnc
 from trivnc.api.server_backend import ServerBackend
-from trivnc.encodings.tight import TightEncoder, TightSettings
+from trivnc.encodings.tight import TightEncoder, TightSettings, scale_down
 from trivnc.geometry import Rect
 from trivnc.rfb.constants import Encoding, PseudoEncoding
 from trivnc.rfb.pixelformat import BGRX
@@ -372,3 +372,28 @@ async def test_video_mode_lowers_quality_and_ends_when_the_video_stops(tmp_path:
                     await trio.sleep(0.05)
             n.cancel_scope.cancel()
         assert session.encoders.quality_level == 8
+
+
+def test_scale_down_averages_and_keeps_the_picture() -> None:
+    smooth = photo_like(400, 300, seed=2)
+    half = scale_down(smooth, 0.5)
+    assert half.shape == (150, 200, 4)
+    # A flat picture stays exactly flat; a smooth one stays close to the
+    # source sampled at the same points.
+    flat = np.full((64, 64, 4), 77, np.uint8)
+    assert (scale_down(flat, 0.5) == 77).all()
+    assert psnr(half[..., :3], smooth[1::2, 1::2, :3]) > 25
+    assert scale_down(smooth, 0.01).shape[:2] == (3, 4)
+
+
+def test_congestion_writes_off_an_update_never_acknowledged() -> None:
+    """A client that announced fences and never answers them is not shut out
+    for good: after GIVE_UP_AFTER seconds the update counts as gone."""
+    clock = Clock()
+    c = Congestion(1 / 60, clock=clock)
+    c.sent(InFlight(1, 1, 50_000, 50_000, clock.now, 0.0))
+    clock.now += 4.9
+    assert not c.can_send(50_000)
+    clock.now += 0.2
+    assert c.can_send(50_000)
+    assert c.in_flight == 0 and c.bandwidth is None  # no sample from a write-off

@@ -447,3 +447,33 @@ async def test_video_mode_scales_to_the_clients_max_video_resolution(setup: Setu
         await c.next_update()
         assert c.conn.decode_state.scaled_rects == scaled
         assert session.encoders.video_scale == 1.0
+
+
+async def test_frame_rate_pseudo_encoding_caps_this_clients_updates(setup: Setup) -> None:
+    """A Kasm client that asks for 10 frames a second gets updates at most
+    that often, however fast the desktop changes."""
+    async with setup.kasm(encodings=kasm_encodings(frame_rate=10)) as c:
+        await c.screenshot()
+        session = setup.session()
+        assert session.frame_rate == 10
+
+        async def animate() -> None:
+            i = 0
+            while True:
+                setup.source.pixels[0:16, 0:16] = i % 256
+                setup.source.mark_changed()
+                i += 1
+                await trio.sleep(1 / 60)
+
+        count = 0
+        async with trio.open_nursery() as n:
+            n.start_soon(animate)
+            start = trio.current_time()
+            with trio.move_on_after(2.0):
+                while True:
+                    await c.request_update(incremental=True)
+                    await c.next_update()
+                    count += 1
+            elapsed = trio.current_time() - start
+            n.cancel_scope.cancel()
+    assert 10 * elapsed * 0.6 <= count <= 10 * elapsed + 2

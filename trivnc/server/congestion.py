@@ -23,6 +23,10 @@ from .measure import FrameRecord
 MAX_IN_FLIGHT = 8
 #: Round-trip samples older than this are forgotten (routes change).
 RTT_WINDOW = 10.0
+#: An update unacknowledged this long is written off (no sample taken): a
+#: client that announced fences and stopped answering them gets an update
+#: this often instead of none, and a link this slow is no worse off.
+GIVE_UP_AFTER = 5.0
 #: Delivery-rate samples kept; the estimate is their maximum, as in BBR: a
 #: sample can only underestimate the link (the sender may have been idle).
 RATE_SAMPLES = 16
@@ -96,6 +100,10 @@ class Congestion:
     def can_send(self, bytes_sent: int) -> bool:
         """Whether another update may go now. With nothing in flight it
         always may; until the first acknowledgement, one at a time."""
+        now = self._clock()
+        while self._in_flight and now - self._in_flight[0].sent_at > GIVE_UP_AFTER:
+            written_off = self._in_flight.popleft()
+            self.acked_bytes = max(self.acked_bytes, written_off.end_bytes)
         if not self._in_flight:
             return True
         if len(self._in_flight) >= MAX_IN_FLIGHT:
