@@ -465,6 +465,12 @@ def main() -> None:
         default="marker",
         help="the tracking viewer decodes marker rects (+ PSNR samples), or everything",
     )
+    parser.add_argument(
+        "--continuous",
+        action="store_true",
+        help="the workloads' viewer behaves as TigerVNC's (fences, continuous updates where "
+        "the server has them) instead of asking for each update",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--framing-viewers", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--stats", type=Path, help=argparse.SUPPRESS)

@@ -1211,8 +1211,9 @@ def run_workloads(
                                 "viewer": os.getpid(),
                             }
                             r = measure(
-                                port, pids, workload, width, height, driver.clock, args, reference
-                            )
+                                port, pids, workload, width, height, driver.clock, args,
+                                reference, continuous=getattr(args, "continuous", False),
+                            )  # fmt: skip
                             r = {"workload": workload, "server": name, "repeat": rep, **r}
                             runs.append(r)
                             progress(r)

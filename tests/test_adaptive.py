@@ -114,6 +114,12 @@ def test_dynamic_quality_steps_down_fast_and_up_slowly() -> None:
     clock = Clock()
     q = DynamicQuality(3, 8, clock=clock)
     assert q.level == 8
+    for _ in range(10):  # one late update now and then is a hiccup, not a slow link
+        q.delivered(0.1, 1 / 60)
+        for _ in range(4):
+            q.delivered(0.001, 1 / 60)
+        clock.now += 1
+    assert q.level == 8
     for _ in range(20):  # a burst of late updates within 50 ms: one level
         q.delivered(0.1, 1 / 60)
         clock.now += 0.0025

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,16 +17,21 @@ STEP_UP_EVERY = 1.0
 #: Consecutive updates delivered well within the frame interval before the
 #: quality may go up a level.
 FAST_TO_STEP_UP = 8
+#: Late updates among the last LATE_WINDOW before it goes down a level: one
+#: late update is a hiccup (the client was busy), not a slow link.
+LATE_TO_STEP_DOWN = 3
+LATE_WINDOW = 5
 
 
 class DynamicQuality:
     """A JPEG/WebP quality level (0..9) between `low` and `high`.
 
-    Additive steps both ways, at different speeds: one level down for an
-    update the link delivered later than a frame interval (at most every
-    STEP_DOWN_EVERY seconds, so one late burst costs one level, not ten), one
-    level up after FAST_TO_STEP_UP updates delivered within half an interval
-    (at most every STEP_UP_EVERY seconds). A link that carries the frames
+    Additive steps both ways, at different speeds: one level down when
+    LATE_TO_STEP_DOWN of the last LATE_WINDOW updates reached the client later
+    than a frame interval (at most every STEP_DOWN_EVERY seconds, so one late
+    burst costs one level, not ten), one level up after FAST_TO_STEP_UP
+    updates delivered within half an interval (at most every STEP_UP_EVERY
+    seconds). A link that carries the frames
     keeps the client's own level; one that cannot settles where it can.
     """
 
@@ -36,6 +42,7 @@ class DynamicQuality:
         self.low = self.high = self.level = 9
         self._fast = 0
         self._changed = -1e9
+        self._recent: deque[bool] = deque(maxlen=LATE_WINDOW)
         self.configure(low, high, reset=True)
 
     def configure(self, low: int, high: int, *, reset: bool = False) -> None:
@@ -48,11 +55,18 @@ class DynamicQuality:
     def delivered(self, delay: float, interval: float) -> None:
         """An update reached the client `delay` seconds beyond the round trip."""
         now = self._clock()
-        if delay > interval:
+        late = delay > interval
+        self._recent.append(late)
+        if late:
             self._fast = 0
-            if self.level > self.low and now - self._changed >= STEP_DOWN_EVERY:
+            if (
+                sum(self._recent) >= LATE_TO_STEP_DOWN
+                and self.level > self.low
+                and now - self._changed >= STEP_DOWN_EVERY
+            ):
                 self.level -= 1
                 self._changed = now
+                self._recent.clear()  # the next step needs new evidence
         elif delay <= interval / 2:
             self._fast += 1
             if (
