@@ -104,6 +104,17 @@ def run_framing_viewers(port: int, count: int, stats_path: Path) -> None:
     trio.run(main)
 
 
+def _stop(process: subprocess.Popen[Any]) -> None:
+    """End a helper process this script started (by its PID), politely first."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @contextlib.contextmanager
 def framing_viewers(
     port: int, count: int, home: Path
@@ -128,13 +139,7 @@ def framing_viewers(
     try:
         yield process, counters
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        _stop(process)
 
 
 @contextlib.contextmanager
@@ -154,13 +159,7 @@ def throttle(port: int, rate: float) -> Iterator[tuple[subprocess.Popen[str], in
             raise RuntimeError(f"the throttling proxy did not start: {line!r}")
         yield process, int(line.rsplit(":", 1)[1])
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        _stop(process)
 
 
 # --------------------------------------------------------------------------

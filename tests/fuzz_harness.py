@@ -79,15 +79,7 @@ ZERO_LIMITS = Limits(
 )
 
 #: Events only the Kasm dialect may produce, and the ones it must not.
-KASM_ONLY = (
-    ev.KasmRequestStats,
-    ev.KasmFrameStats,
-    ev.KasmBinaryClipboard,
-    ev.KasmVideoEncodersRequest,
-    ev.KasmKeepAlive,
-    ev.KasmSetMaxVideoResolution,
-    ev.KasmUnsupported,
-)
+KASM_ONLY = ev.KASM_EVENTS
 STANDARD_ONLY = (ev.ClientCutText,)
 
 #: Replies may be at most this many times what the client sent (plus the

@@ -240,3 +240,15 @@ class KasmUnsupported(Event):
     relays, direct mouse, latency/network/system stats), kept for logging."""
 
     message_type: int
+
+
+#: Every event only the KasmVNC dialect produces.
+KASM_EVENTS = (
+    KasmRequestStats,
+    KasmFrameStats,
+    KasmBinaryClipboard,
+    KasmVideoEncodersRequest,
+    KasmKeepAlive,
+    KasmSetMaxVideoResolution,
+    KasmUnsupported,
+)

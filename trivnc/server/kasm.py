@@ -91,16 +91,7 @@ def is_kasm(session: ClientSession) -> bool:
 
 
 #: Events `handle` takes.
-EVENTS = (
-    ev.DialectSelected,
-    ev.KasmRequestStats,
-    ev.KasmFrameStats,
-    ev.KasmBinaryClipboard,
-    ev.KasmVideoEncodersRequest,
-    ev.KasmKeepAlive,
-    ev.KasmSetMaxVideoResolution,
-    ev.KasmUnsupported,
-)
+EVENTS = (ev.DialectSelected, *ev.KASM_EVENTS)
 
 
 async def handle(session: ClientSession, event: ev.Event) -> None:

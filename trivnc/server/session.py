@@ -306,7 +306,7 @@ class ClientSession:
                         self.context.disconnect_others(self)
                     self.conn.send_server_init(frame.width, frame.height, self.context.source.name)
                     self._client_size = self._known_size = frame.size
-                    self._sent_version = frame.version
+                    self._sent_version = self._last_frame_sent = frame.version
                     self._dirty = full_mask(*frame.size)
                     self._hints = None
                     await self.stream.send_all(self.conn.data_to_send())
