@@ -21,6 +21,7 @@ from trio_websocket import open_websocket_url
 
 import trivnc
 from trivnc.encodings.tight import TightEncoder
+from trivnc.geometry import Rect
 from trivnc.rfb import events as ev
 from trivnc.rfb.capabilities import ClientCapabilities
 from trivnc.rfb.connection import NEED_DATA, Dialect, SecurityConfig, ServerConnection
@@ -477,3 +478,22 @@ async def test_frame_rate_pseudo_encoding_caps_this_clients_updates(setup: Setup
             elapsed = trio.current_time() - start
             n.cancel_scope.cancel()
     assert 10 * elapsed * 0.6 <= count <= 10 * elapsed + 2
+
+
+async def test_every_update_is_one_the_web_client_shows(setup: Setup) -> None:
+    """KasmVNC's web client draws an update only when it counted more than
+    one rect in it, LastRect included: a change that fits in one rect must
+    still end with LastRect (as KasmVNC sends every update)."""
+    async with setup.kasm() as c:
+        await c.screenshot()
+        setup.source.pixels[10:20, 10:20] = (0, 0, 255, 0)
+        setup.source.mark_changed(Rect(10, 10, 10, 10))  # one small rect: a fill
+        single = []
+        with trio.fail_after(10):
+            while not (c.framebuffer[10:20, 10:20, :3] == (0, 0, 255)).all():
+                await c.request_update(incremental=True)
+                update = await c.next_update()
+                if len(update.pixel_rects) == 1:
+                    single.append(update)
+        assert single and all(u.last_rect for u in single)
+        assert c.unshown_updates == 0

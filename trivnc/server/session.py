@@ -836,7 +836,13 @@ class ClientSession:
         if ext_mouse in pseudo:
             self.conn.extended_mouse_buttons = True
         count = len(encoded) + len(pseudo)
-        last_rect = self.conn.capabilities.last_rect and count > writers.MAX_RECTS
+        # KasmVNC's web client shows an update only once it has counted more
+        # than one rect in it, LastRect included (its _framebufferUpdate
+        # calls display.flip only then): like KasmVNC, end every update to
+        # it with LastRect, or a one-rect update would never be drawn.
+        last_rect = self.conn.capabilities.last_rect and (
+            count > writers.MAX_RECTS or self.conn.dialect is Dialect.KASM
+        )
         out = [writers.framebuffer_update_header(None if last_rect else count)]
         out += pseudo
         for e in encoded:

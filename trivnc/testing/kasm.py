@@ -121,7 +121,16 @@ class KasmClient(VncClient):
     frame_stats_sent = 0
     _track_frame = False
 
+    #: Updates KasmVNC's web client would have decoded and never shown: it
+    #: draws an update only when it counted more than one rect in it, LastRect
+    #: included (kasmtech/noVNC core/rfb.js, _framebufferUpdate -> flip).
+    unshown_updates = 0
+
     def _publish(self, event: Event) -> None:
+        if isinstance(event, FramebufferUpdate):
+            drawn = len(event.pixel_rects) + (1 if event.last_rect else 0)
+            if event.pixel_rects and drawn <= 1:
+                self.unshown_updates += 1
         if isinstance(event, KasmRequestFrameStats):
             self._track_frame = True
         elif isinstance(event, FramebufferUpdate) and self._track_frame:
