@@ -174,13 +174,18 @@ class SessionEncoders:
     def configure(self, caps: ClientCapabilities) -> None:
         self.caps = caps
         self.encoding = next((e for e in caps.preferred if e != Encoding.COPY_RECT), Encoding.RAW)
-        # Tight settings follow the client's quality and compression levels:
-        # rebuild the Tight encoder when they change (its zlib streams are
-        # reset then, which the ctl byte tells the client).
-        tight = self._encoders.get(Encoding.TIGHT)
-        if not isinstance(tight, TightEncoder) or tight.settings != self._tight_settings(False):
-            self._encoders.pop(Encoding.TIGHT, None)
-        self._encoders.pop(Encoding.TIGHT_PNG, None)
+        self._drop_changed_tight()
+
+    def _drop_changed_tight(self) -> None:
+        """Tight settings follow the client's levels and the adaptive and
+        sharing choices below: a Tight or TightPNG encoder whose settings no
+        longer match is rebuilt at its next use (its zlib streams restart
+        then, which the reset bits tell the client; the adaptive code changes
+        settings a few times a second at most)."""
+        for encoding, png_mode in ((Encoding.TIGHT, False), (Encoding.TIGHT_PNG, True)):
+            enc = self._encoders.get(encoding)
+            if isinstance(enc, TightEncoder) and enc.settings != self._tight_settings(png_mode):
+                del self._encoders[encoding]
 
     def set_shared_mode(self, shared: bool) -> None:
         """Switch Tight between per-session zlib streams (best compression,
@@ -189,34 +194,23 @@ class SessionEncoders:
         update boundary."""
         if shared != self.shared_mode:
             self.shared_mode = shared
-            self._encoders.pop(Encoding.TIGHT, None)
+            self._drop_changed_tight()
 
     def set_adaptive(
         self, quality_level: int | None, video: bool, video_scale: float = 1.0
     ) -> None:
         """Apply the adaptive quality level and video mode from the next
-        rect on. Tight is rebuilt when its settings change (its zlib streams
-        restart, which the reset bits tell the client); the adaptive code
-        changes them a few times a second at most."""
-        if (quality_level, video, video_scale) == (
-            self.quality_level,
-            self.video,
-            self.video_scale,
-        ):
-            return
-        self.quality_level, self.video, self.video_scale = quality_level, video, video_scale
-        tight = self._encoders.get(Encoding.TIGHT)
-        if isinstance(tight, TightEncoder) and tight.settings != self._tight_settings(False):
-            self._encoders.pop(Encoding.TIGHT, None)
-        png = self._encoders.get(Encoding.TIGHT_PNG)
-        if isinstance(png, TightEncoder) and png.settings != self._tight_settings(True):
-            self._encoders.pop(Encoding.TIGHT_PNG, None)
+        rect on."""
+        wanted = (quality_level, video, video_scale)
+        if wanted != (self.quality_level, self.video, self.video_scale):
+            self.quality_level, self.video, self.video_scale = wanted
+            self._drop_changed_tight()
 
     def set_webp_affordable(self, affordable: bool) -> None:
-        """Allow or stop WebP from the next rect on (Tight is rebuilt)."""
+        """Allow or stop WebP from the next rect on."""
         if affordable != self.webp_affordable:
             self.webp_affordable = affordable
-            self._encoders.pop(Encoding.TIGHT, None)
+            self._drop_changed_tight()
 
     def _tight_settings(self, png_mode: bool) -> TightSettings:
         settings = TightSettings.from_encodings(self.caps.encodings, png_mode=png_mode)
