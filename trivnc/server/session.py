@@ -138,7 +138,6 @@ class ClientSession:
         #: its client wants video-mode images at (message 252), if it said.
         self.kasm = kasm.KasmState()
         self.max_video_resolution: tuple[int, int] | None = None
-        self._last_encode_wall = 0.0
         #: (encode start, encode end) of the update being sent, perf_counter.
         self._encode_span = (0.0, 0.0)
         self._scaling_time = 0.0
@@ -679,7 +678,8 @@ class ClientSession:
         window, frame pacing and the frame's timing spans."""
         waited = started - self._window_wait_since if self._window_wait_since is not None else 0.0
         self._window_wait_since = None
-        handle = self.bottleneck.frame(self._last_encode_wall)
+        encode_start, encode_end = self._encode_span
+        handle = self.bottleneck.frame(encode_end - encode_start)
         tracked = self.track_frame
         version = None
         if tracked is not None and frame.version >= tracked and fence_id is not None:
@@ -695,8 +695,7 @@ class ClientSession:
             self.bottleneck.network(handle, delay)
             self.quality.delivered(delay, 1.0 / self.frame_rate)
         if self.frame_rate < self.context.service.max_frame_rate:
-            self._next_update_at = self._encode_span[0] + 1.0 / self.frame_rate
-        encode_start, encode_end = self._encode_span
+            self._next_update_at = encode_start + 1.0 / self.frame_rate
         self.context.service.record_update_sent(
             frame.version, encode_start, encode_end, written, self._scaling_time
         )
@@ -824,7 +823,6 @@ class ClientSession:
         encoded = [*copies, *encoded]
         encoded_at = time.perf_counter()
         self._scaling_time = stats.scaling
-        self._last_encode_wall = encoded_at - started
         self._encode_span = (started, encoded_at)
         for name, cpu in stats.cpu.items():
             self.context.service.record_encoding(
