@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -62,17 +61,18 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from x11_workloads import (
-    BINARIES,
     ENCODINGS,
     LABELS,
-    WORKLOADS,
     RunContext,
+    add_run_arguments,
+    json_header,
     measure,
-    parse_geometry,
+    parse_run_arguments,
     progress,
+    require_binaries,
     run_workloads,
 )
-from xvfb_compare import SERVERS, ViewerStats
+from xvfb_compare import ViewerStats
 from xvfb_compare import viewer as framing_viewer
 
 from trivnc.rfb.pixelformat import BGRX
@@ -445,25 +445,17 @@ def targets(table: Table) -> list[tuple[str, bool | None, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=6, help="measured window per run")
-    parser.add_argument("--warmup", type=float, default=5, help="seconds before each window")
-    parser.add_argument("--repeats", type=int, default=2, help="cycles over the servers")
-    parser.add_argument("--servers", default="trivnc,tigervnc,x11vnc", help="comma-separated")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
+    add_run_arguments(
+        parser,
+        seconds=6,
+        decode="the tracking viewer decodes marker rects (+ PSNR samples), or everything",
+    )
     parser.add_argument(
         "--parts", default=",".join(PARTS), help="comma-separated: " + ",".join(PARTS)
     )
-    parser.add_argument("--geometry", default="1920x1080", help="Xvfb screen WxH")
-    parser.add_argument("--fps", type=float, default=60, help="video/fullscreen frame rate")
     parser.add_argument("--viewers", type=int, default=10, help="viewers in the 'ten' part")
     parser.add_argument("--slow-rate", type=float, default=2_000_000, help="bytes/s")
     parser.add_argument("--slow-seconds", type=float, default=10, help="slow-link window")
-    parser.add_argument(
-        "--decode",
-        choices=("marker", "full"),
-        default="marker",
-        help="the tracking viewer decodes marker rects (+ PSNR samples), or everything",
-    )
     parser.add_argument(
         "--continuous",
         action="store_true",
@@ -478,19 +470,8 @@ def main() -> None:
         run_framing_viewers(args.framing_viewers, args.viewers - 1, args.stats)
         return
     args.psnr = True
-    try:
-        width, height = parse_geometry(args.geometry)
-    except ValueError as exc:
-        parser.error(str(exc))
-    servers = [s for s in args.servers.split(",") if s]
+    width, height, servers, workloads = parse_run_arguments(parser, args)
     args.parts = [p for p in args.parts.split(",") if p]
-    workloads = [w for w in args.workloads.split(",") if w]
-    for s in servers:
-        if s not in SERVERS:
-            parser.error(f"unknown server {s!r} (choose from {', '.join(SERVERS)})")
-    for w in workloads:
-        if w not in WORKLOADS:
-            parser.error(f"unknown workload {w!r} (choose from {', '.join(WORKLOADS)})")
     for p in args.parts:
         if p not in PARTS:
             parser.error(f"unknown part {p!r} (choose from {', '.join(PARTS)})")
@@ -500,9 +481,7 @@ def main() -> None:
         workloads = ["video"]  # the base of the other parts, which run on its servers
     elif {"ten", "slow"} & set(args.parts) and "video" not in workloads:
         workloads.insert(0, "video")
-    for binary in ["Xvfb", *(BINARIES[s] for s in servers if s in BINARIES)]:
-        if shutil.which(binary) is None:
-            sys.exit(f"{binary} is not installed")
+    require_binaries(servers)
 
     from trivnc.testing.xvfb import Xvfb
 
@@ -551,10 +530,7 @@ def main() -> None:
         args.json.write_text(
             json.dumps(
                 {
-                    "command": " ".join(sys.argv),
-                    "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                    "cores": os.cpu_count(),
-                    "geometry": [width, height],
+                    **json_header(width, height),
                     "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                     "runs": runs,
                     "table": records,

@@ -1230,34 +1230,27 @@ def run_workloads(
     return runs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10, help="measured window per run")
+def add_run_arguments(parser: argparse.ArgumentParser, *, seconds: float, decode: str) -> None:
+    """The options every workload benchmark takes (this one and x11_targets.py)."""
+    parser.add_argument("--seconds", type=float, default=seconds, help="measured window per run")
     parser.add_argument("--warmup", type=float, default=5, help="seconds before each window")
     parser.add_argument("--repeats", type=int, default=2, help="cycles over the servers")
     parser.add_argument("--servers", default="trivnc,tigervnc,x11vnc", help="comma-separated")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     parser.add_argument("--geometry", default="1920x1080", help="Xvfb screen WxH")
     parser.add_argument("--fps", type=float, default=60, help="video/fullscreen frame rate")
-    parser.add_argument(
-        "--decode",
-        choices=("marker", "full"),
-        default="marker",
-        help="decode only the JPEG rects touching the marker (lean), or everything",
-    )
-    parser.add_argument("--psnr", action="store_true", help="PSNR of sampled frames vs source")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--driver", choices=WORKLOADS, help=argparse.SUPPRESS)
-    parser.add_argument("--display", help=argparse.SUPPRESS)
-    parser.add_argument("--clock", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--decode", choices=("marker", "full"), default="marker", help=decode)
+
+
+def parse_run_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[int, int, list[str], list[str]]:
+    """Width, height, servers and workloads from add_run_arguments' options;
+    a bad value is a usage error."""
     try:
         width, height = parse_geometry(args.geometry)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.driver:
-        run_driver(args.driver, args.display, width, height, args.clock, args.fps)
-        return
     servers = [s for s in args.servers.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
     for s in servers:
@@ -1266,9 +1259,43 @@ def main() -> None:
     for w in workloads:
         if w not in WORKLOADS:
             parser.error(f"unknown workload {w!r} (choose from {', '.join(WORKLOADS)})")
+    return width, height, servers, workloads
+
+
+def require_binaries(servers: list[str]) -> None:
     for binary in ["Xvfb", *(BINARIES[s] for s in servers if s in BINARIES)]:
         if shutil.which(binary) is None:
             sys.exit(f"{binary} is not installed")
+
+
+def json_header(width: int, height: int) -> dict[str, Any]:
+    """What every JSON result starts with: how and where it was made."""
+    return {
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "cores": os.cpu_count(),
+        "geometry": [width, height],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(
+        parser,
+        seconds=10,
+        decode="decode only the JPEG rects touching the marker (lean), or everything",
+    )
+    parser.add_argument("--psnr", action="store_true", help="PSNR of sampled frames vs source")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--driver", choices=WORKLOADS, help=argparse.SUPPRESS)
+    parser.add_argument("--display", help=argparse.SUPPRESS)
+    parser.add_argument("--clock", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    width, height, servers, workloads = parse_run_arguments(parser, args)
+    if args.driver:
+        run_driver(args.driver, args.display, width, height, args.clock, args.fps)
+        return
+    require_binaries(servers)
 
     from trivnc.testing.xvfb import Xvfb
 
@@ -1298,10 +1325,7 @@ def main() -> None:
         args.json.write_text(
             json.dumps(
                 {
-                    "command": " ".join(sys.argv),
-                    "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                    "cores": os.cpu_count(),
-                    "geometry": [width, height],
+                    **json_header(width, height),
                     "seconds": args.seconds,
                     "warmup": args.warmup,
                     "repeats": args.repeats,
