@@ -31,6 +31,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from tls_files import issue
 from trio_websocket import (
     ConnectionRejected,
     WebSocketConnection,
@@ -127,11 +128,7 @@ def digests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
 
 @pytest.fixture
 async def setup(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Setup]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(cert_path)
-    cert.private_key_pem.write_to_path(key_path)
+    tls = issue(tmp_path)
     users = tmp_path / "users"
     store = UserStore(users)
     for name, (password, perms) in USERS.items():
@@ -147,13 +144,13 @@ async def setup(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Setup]:
         rfb_port=0,
         web_port=0,
         users_file=users,
-        cert=cert_path,
-        key=key_path,
+        cert=tls.cert,
+        key=tls.key,
         vnc_password=VNC_PASSWORD,
         handshake_timeout=5,
     )
     server = await nursery.start(trivnc.serve, config)
-    yield Setup(server, source, users, ca, inputs)
+    yield Setup(server, source, users, tls.ca, inputs)
 
 
 # -- the five ways in -------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-import trustme
+from tls_files import issue
 
 import trivnc
 from trivnc.server.users import UserStore, sha256_crypt, verify_sha256_crypt
@@ -236,12 +236,7 @@ def matches(found: Model, model: Model) -> bool:
 
 
 def test_users_file_survives_sigkill_during_api_changes(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    trust = ssl.create_default_context()
-    ca.configure_trust(trust)
+    trust = issue(tmp_path).client_context()
     users = tmp_path / "users"
     model: Model = {OWNER: (OWNER_PASSWORD, "rwo")}
     model.update({f"filler{i}": (FILLER_PASSWORD, "r") for i in range(FILLERS)})
@@ -318,10 +313,7 @@ class Running:
 
 @pytest.fixture
 async def running(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Running]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    tls = issue(tmp_path)
     users = tmp_path / "users"
     store = UserStore(users)
     store.create(OWNER, OWNER_PASSWORD, read=True, write=True, owner=True)
@@ -335,8 +327,7 @@ async def running(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Runnin
         key=tmp_path / "key.pem",
     )
     server = await nursery.start(trivnc.serve, config)
-    trust = ssl.create_default_context()
-    ca.configure_trust(trust)
+    trust = tls.client_context()
     async with httpx.AsyncClient(
         base_url=f"https://127.0.0.1:{server.web_port}",
         verify=trust,

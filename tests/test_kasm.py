@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import trio
-import trustme
+from tls_files import issue
 from trio_websocket import open_websocket_url
 
 import trivnc
@@ -81,11 +81,7 @@ class Setup:
 
 @pytest.fixture
 async def setup(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Setup]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(cert_path)
-    cert.private_key_pem.write_to_path(key_path)
+    tls = issue(tmp_path)
     store = UserStore(tmp_path / "users")
     for name, (password, perms) in USERS.items():
         store.create(name, password, read="r" in perms, write="w" in perms, owner="o" in perms)
@@ -96,14 +92,12 @@ async def setup(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Setup]:
         web_port=0,
         listen=["127.0.0.1"],
         users_file=tmp_path / "users",
-        cert=cert_path,
-        key=key_path,
+        cert=tls.cert,
+        key=tls.key,
         clipboard_max_size=CLIPBOARD_LIMIT,
     )
     server = await nursery.start(trivnc.serve, config)
-    client_ssl = ssl.create_default_context()
-    ca.configure_trust(client_ssl)
-    yield Setup(server, source, client_ssl)
+    yield Setup(server, source, tls.client_context())
 
 
 async def _inputs(source: ArraySource, seconds: float = 0.5) -> list[object]:

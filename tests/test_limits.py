@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import trio
 import trustme
+from tls_files import issue
 from trio_websocket import open_websocket_url
 
 import trivnc
@@ -56,10 +57,7 @@ def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
 async def make_server(nursery: trio.Nursery, tmp_path: Path, ca: trustme.CA) -> MakeServer:
     """A server with a users file and a trusted certificate; keyword
     arguments go to trivnc.Config."""
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(cert_path)
-    cert.private_key_pem.write_to_path(key_path)
+    tls = issue(tmp_path, ca)
     users = tmp_path / "users"
     store = UserStore(users)
     for name, password in USERS.items():
@@ -72,8 +70,8 @@ async def make_server(nursery: trio.Nursery, tmp_path: Path, ca: trustme.CA) -> 
             "rfb_port": 0,
             "web_port": 0,
             "users_file": users,
-            "cert": cert_path,
-            "key": key_path,
+            "cert": tls.cert,
+            "key": tls.key,
         }
         values.update(kw)
         server: Server = await nursery.start(trivnc.serve, trivnc.Config(**values))

@@ -17,7 +17,7 @@ import imagecodecs
 import numpy as np
 import pytest
 import trio
-import trustme
+from tls_files import issue
 from trio_websocket import open_websocket_url
 
 import trivnc
@@ -47,23 +47,17 @@ class Setup:
 
 @pytest.fixture
 async def setup(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Setup]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(cert_path)
-    cert.private_key_pem.write_to_path(key_path)
+    tls = issue(tmp_path)
     users = tmp_path / "users"
     store = UserStore(users)
     for name, (password, perms) in USERS.items():
         store.create(name, password, read="r" in perms, write="w" in perms, owner="o" in perms)
     source = ArraySource.from_array(desktop_like(W, H, seed=5))
     config = trivnc.Config(
-        source=source, rfb_port=0, web_port=0, users_file=users, cert=cert_path, key=key_path
+        source=source, rfb_port=0, web_port=0, users_file=users, cert=tls.cert, key=tls.key
     )
     server = await nursery.start(trivnc.serve, config)
-    client_ssl = ssl.create_default_context()
-    ca.configure_trust(client_ssl)
-    yield Setup(server, source, users, client_ssl)
+    yield Setup(server, source, users, tls.client_context())
 
 
 def user_client(setup: Setup, name: str, **kw: Any) -> AbstractAsyncContextManager[VncClient]:
