@@ -69,15 +69,15 @@ class SessionStats:
     connected_at: float = field(default_factory=time.time)
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: Updates sent, and frames coalesced into them (published while this
+    #: client was still busy with an earlier one): frames produced for it
+    #: are updates_sent + frames_coalesced.
     updates_sent: int = 0
+    frames_coalesced: int = 0
     rects_sent: int = 0
     last_update_version: int = 0
     rtt: float | None = None  # seconds, the latest fence round trip
     min_rtt: float | None = None
-    #: Updates written, and frames that were coalesced into them (published
-    #: while this client was still busy with an earlier one).
-    frames_delivered: int = 0
-    frames_coalesced: int = 0
     #: (send time, bytes_sent at that time, tracked frame version) of fences
     #: in flight, by id.
     fences: dict[int, tuple[float, int, int | None]] = field(default_factory=dict)
@@ -141,7 +141,6 @@ class ClientSession:
         #: (encode start, encode end) of the update being sent, perf_counter.
         self._encode_span = (0.0, 0.0)
         self._scaling_time = 0.0
-        self._last_frame_sent = 0
         self.stream = stream
         self.conn = conn
         self.peer = peer
@@ -305,7 +304,7 @@ class ClientSession:
                         self.context.disconnect_others(self)
                     self.conn.send_server_init(frame.width, frame.height, self.context.source.name)
                     self._client_size = self._known_size = frame.size
-                    self._sent_version = self._last_frame_sent = frame.version
+                    self._sent_version = self.stats.last_update_version = frame.version
                     self._dirty = full_mask(*frame.size)
                     self._hints = None
                     await self.stream.send_all(self.conn.data_to_send())
@@ -803,9 +802,6 @@ class ClientSession:
         self._pseudo_due = []
         # With other viewers about, encode Tight so that they can share it.
         self.encoders.set_shared_mode(len(self.context.sessions) > 1)
-        self.stats.frames_coalesced += max(0, frame.version - self._last_frame_sent - 1)
-        self.stats.frames_delivered += 1
-        self._last_frame_sent = frame.version
         video = self.video.frame(frame.timing.changed_percent)
         self.encoders.set_adaptive(self._quality_level(), video, self._video_scale(frame))
         started = time.perf_counter()
@@ -849,6 +845,7 @@ class ClientSession:
         if last_rect:
             out.append(writers.last_rect())
         self.stats.updates_sent += 1
+        self.stats.frames_coalesced += max(0, frame.version - self.stats.last_update_version - 1)
         self.stats.rects_sent += len(encoded)
         self.stats.last_update_version = frame.version
         return out
