@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import trio
-
 from ..rfb import events as ev
 from ..rfb import writers
 from ..rfb.constants import Dialect
@@ -43,8 +41,6 @@ UNKNOWN_USER = "username_unavailable"
 #: always offers it, and would show a listed one twice), and trivnc has no
 #: video encoder, so the reply is empty, as KasmVNC's is without one.
 VIDEO_ENCODERS: tuple[tuple[int, int, int, tuple[int, ...]], ...] = ()
-#: How many client times a session keeps (as the fence path does).
-_MAX_CLIENT_TIMES = 64
 
 
 class Unbatched(bytes):
@@ -163,11 +159,7 @@ def _client_processed(session: ClientSession) -> None:
         return
     session.kasm.frame_stats = None
     version, sent = pending
-    session.client_times[version] = time.perf_counter() - sent
-    while len(session.client_times) > _MAX_CLIENT_TIMES:
-        del session.client_times[next(iter(session.client_times))]
-    session.client_time_event.set()
-    session.client_time_event = trio.Event()
+    session.record_client_time(version, time.perf_counter() - sent)
 
 
 def _name(session: ClientSession) -> str:
